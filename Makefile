@@ -1,0 +1,20 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both bootstrap the environment.
+.PHONY: demo test bench setup lint
+
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+setup:
+	@bash scripts/bootstrap.sh
+
+demo: setup
+	.venv/bin/streamprune summarize sample:bigbuckbunny --model tiny --retain 0.1 --save-viz out/demo_holitom.png
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+lint: setup
+	.venv/bin/ruff check streamprune policies envs tests benchmarks
+
+bench: setup
+	.venv/bin/python benchmarks/bench_summarize.py

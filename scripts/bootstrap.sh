@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Create (once) and link the project's virtualenv, then install streamprune into it in editable mode.
+# The ~6 GB venv lives outside the clone, keyed by the hash of setup.cfg, so a fresh clone (CI) with
+# the same dependencies reuses it and only re-points the editable install (seconds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+find_python() {
+  if command -v python3.12 >/dev/null 2>&1 && python3.12 -c 'import sys' >/dev/null 2>&1; then
+    command -v python3.12; return
+  fi
+  for p in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+    [ -x "$p" ] && { echo "$p"; return; }
+  done
+  return 1
+}
+
+py=$(find_python) || { echo "error: Python 3.12 not found (looked for python3.12 on PATH and in pyenv); install it first" >&2; exit 2; }
+key=$( (cat setup.cfg; "$py" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
+cache="${STREAMPRUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/streamprune}"
+venv="$cache/venv-$key"
+
+if [ ! -f "$venv/.complete" ]; then
+  echo "bootstrap: building $venv with $py (first run: ~6 GB, a few minutes; later runs reuse it)"
+  rm -rf "$venv"
+  mkdir -p "$cache"
+  "$py" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
+  # install_requires from setup.cfg plus the test extras, without installing the project itself yet
+  "$venv/bin/python" - <<'PY' > "$venv/requirements.txt"
+import configparser
+cfg = configparser.ConfigParser(); cfg.read("setup.cfg")
+reqs = cfg["options"]["install_requires"].split() + cfg["options.extras_require"]["test"].split()
+print("\n".join(r for r in reqs if r))
+PY
+  "$venv/bin/python" -m pip install --progress-bar off -r "$venv/requirements.txt"
+  touch "$venv/.complete"
+fi
+
+ln -sfn "$venv" .venv
+# Re-point the editable install at this clone when it points elsewhere (another clone, CI).
+if [ "$(.venv/bin/python -P -c 'import streamprune, os; print(os.path.dirname(os.path.dirname(streamprune.__file__)))' 2>/dev/null)" != "$root" ]; then
+  .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+fi

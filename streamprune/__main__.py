@@ -1,0 +1,5 @@
+import sys
+
+from streamprune.cli import main
+
+sys.exit(main())

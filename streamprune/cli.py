@@ -1,0 +1,117 @@
+"""Command line: `streamprune summarize VIDEO ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from streamprune.errors import StreamPruneError
+from streamprune.reduce import METHODS
+from streamprune.summarize import DEFAULT_PROMPT, SummarizeOptions, SummaryReport, summarize
+
+
+def _ratio(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamprune", description="Token reduction for video LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("summarize", help="summarize a video with a compressed visual context",
+                       description="Summarize a video: sample frames, reduce visual tokens (HoliTom), generate.")
+    s.add_argument("video", metavar="VIDEO", help="video file, or sample:NAME for a bundled sample (sample:bigbuckbunny)")
+    s.add_argument("--model", default="tiny", help="hub ID, local folder, or 'tiny' (random weights, offline) [tiny]")
+    s.add_argument("--method", default="holitom", choices=sorted(METHODS), help="outer-LLM reduction [holitom]")
+    s.add_argument("--retain", type=_ratio, default=0.1, help="fraction of visual tokens kept, in (0, 1] [0.1]")
+    s.add_argument("--frames", type=int, default=32, help="frames sampled uniformly [32]")
+    s.add_argument("--fps", type=_ratio, default=None, help="sample at this rate instead (capped at --frames)")
+    s.add_argument("--tau", type=_ratio, default=None, help="static-token similarity threshold [0.8; 0.65 at retain ≤ 0.1]")
+    s.add_argument("--prompt", default=DEFAULT_PROMPT, help="instruction given with the video")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="length limit of the summary [64]")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    s.add_argument("--save-viz", metavar="PATH", help="write a PNG of segments and kept/merged/dropped tokens")
+    return parser
+
+
+def _progress_bars(console):
+    """A rich progress display and the (stage, done, total) callback that drives it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars = Progress(TextColumn("{task.description:<13}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.update(tasks[stage], completed=done, total=total)
+
+    return bars, update
+
+
+def print_report(report: SummaryReport, console) -> None:
+    from rich.panel import Panel
+    from rich.table import Table
+
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    # untrained models emit arbitrary bytes: show control characters as · rather than garble the terminal
+    shown = "".join(c if c.isprintable() or c == "\n" else "·" for c in report.summary)
+    console.print(Panel(shown or "(empty)", title="summary", expand=False), markup=False)
+    tok, fl, tm = report.tokens, report.flops, report.timing_s
+    table = Table(title=f"{report.method} · retain {report.retain:g}" + (f" · τ {report.tau:g}" if report.tau else ""),
+                  show_header=True, header_style="bold")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_column("", justify="left", style="dim")
+    table.add_row("frames", str(report.frames), f"{len(report.segments)} segments")
+    table.add_row("vision tokens", f"{tok['vision']:,}", f"{tok['vision'] // max(report.frames, 1)} per frame")
+    table.add_row("after temporal merge", f"{tok['after_temporal_merge']:,}", f"{tok['after_temporal_merge'] / tok['vision']:.1%}")
+    table.add_row("into the LLM", f"{tok['llm_input']:,}", f"{(tok['llm_input'] - 1) / tok['vision']:.1%} (+1 newline)")
+    table.add_row("prompt length", f"{tok['prompt']:,}", f"unreduced {tok['prompt_unreduced']:,}")
+    table.add_row("prefill FLOPs", f"{fl['prefill']:.3g}",
+                  f"{fl['prefill'] / fl['prefill_unreduced']:.1%} of {fl['prefill_unreduced']:.3g} "
+                  f"(papers' formula: {fl['prefill_fastv_formula'] / fl['prefill_unreduced_fastv_formula']:.1%})")
+    table.add_row("KV cache", f"{report.kv_cache_bytes / 2**20:.2f} MiB",
+                  f"unreduced {report.kv_cache_bytes_unreduced / 2**20:.2f} MiB")
+    for key in ("decode_video", "vision", "reduce", "prefill", "ttft", "generate"):
+        table.add_row(f"time {key.replace('_', ' ')}", f"{tm[key]:.3f} s",
+                      "vision + reduce + prefill" if key == "ttft" else "")
+    table.add_row("generated", f"{report.generated_tokens} tokens", "")
+    console.print(table)
+    if report.viz:
+        console.print(f"visualization: {report.viz}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    try:
+        if args.command == "summarize":
+            opts = SummarizeOptions(video=args.video, model=args.model, method=args.method, retain=args.retain,
+                                    frames=args.frames, fps=args.fps, prompt=args.prompt,
+                                    max_new_tokens=args.max_new_tokens, tau=args.tau, save_viz=args.save_viz)
+            bars, update = _progress_bars(err)
+            with bars:
+                report = summarize(opts, progress=update)
+            if args.json:
+                print(json.dumps(report.to_dict()))
+            else:
+                print_report(report, Console())
+        return 0
+    except StreamPruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Model loading: by hub ID, local folder, or `tiny` (random weights, built offline)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from streamprune.errors import ModelError
+from streamprune.models.llava_onevision import LlavaOnevisionAdapter
+from streamprune.models.tiny import RANDOM_WEIGHTS_MARKER, tiny_model_dir
+
+SUPPORTED = {"llava_onevision": LlavaOnevisionAdapter}
+
+
+@dataclass
+class LoadedModel:
+    adapter: LlavaOnevisionAdapter
+    name: str
+    random_weights: bool
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check so an offline machine fails in seconds, not after the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_model_source(name: str) -> tuple[str, bool]:
+    """Return (path or hub ID to load, whether to restrict loading to local files)."""
+    if name == "tiny":
+        return str(tiny_model_dir()), True
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser()), True
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelError(f"model not found: {name!r} is neither a local folder nor a hub ID like 'org/name'")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return name, True
+    if not _hub_reachable():
+        raise ModelError(f"model {name!r} is not in the local Hugging Face cache and the hub is unreachable; "
+                         f"download it first (`hf download {name}`) or pass a local folder")
+    return name, False
+
+
+def load_video_llm(name: str) -> LoadedModel:
+    """Load a supported video LLM and its processor in fp32 (bf16 is several times slower on CPU)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    source, local_only = resolve_model_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model config from {name!r}: {str(exc).splitlines()[0]}") from exc
+    if config.model_type not in SUPPORTED:
+        raise ModelError(f"unsupported model type {config.model_type!r} in {name!r}; "
+                         f"supported: {', '.join(SUPPORTED)}")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32, local_files_only=local_only)
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
+    random_weights = Path(source, RANDOM_WEIGHTS_MARKER).exists()
+    return LoadedModel(SUPPORTED[config.model_type](model.eval(), processor), name, random_weights)

@@ -1,0 +1,166 @@
+"""Thin adapter over transformers' `LlavaOnevisionForConditionalGeneration`.
+
+Encoding runs the model's own `get_video_features` (SigLIP → projector → 2×2 bilinear pooling) and
+records, with a pre-hook on the last used SigLIP attention layer, the attention each patch received
+(averaged over heads and queries), without switching any layer to eager attention. Reduced tokens go
+into the LLM as `inputs_embeds` with one placeholder per kept token (1-D positions, as the model uses).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from streamprune.tokens import VisualTokens
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class EncodedVideo:
+    """Vision-tower output of one video.
+
+    features:  [T, N, D] projected, pooled tokens (N = H·W, 196 at 384 px).
+    attention: [T, N] attention received per token in the last used vision layer, pooled like features.
+    grid_hw:   (H, W) token grid per frame.
+    """
+
+    features: torch.Tensor
+    attention: torch.Tensor
+    grid_hw: tuple[int, int]
+
+
+@dataclass
+class PromptInputs:
+    """Processor output for one prompt with one video: input_ids [1, L] with T·N + 1 video placeholders
+    (the +1 is LLaVA-OneVision's newline token), pixel_values_videos [1, T, 3, S, S]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values_videos: torch.Tensor
+
+
+def received_attention(hidden_states: torch.Tensor, attn: torch.nn.Module, head_chunk: int = 4) -> torch.Tensor:
+    """Mean attention each token receives in a (non-causal) self-attention layer.
+
+    hidden_states: [B, L, C] the layer's attention input. Returns [B, L]: softmax(q·kᵀ·scale) averaged
+    over heads and queries. Heads are done a few at a time to bound memory ([B, h, L, L] per chunk).
+    """
+    b, length, _ = hidden_states.shape
+    q = attn.q_proj(hidden_states).view(b, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(hidden_states).view(b, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+    total = hidden_states.new_zeros(b, length)
+    for h in range(0, attn.num_heads, head_chunk):
+        weights = torch.softmax(q[:, h : h + head_chunk] @ k[:, h : h + head_chunk].transpose(-1, -2) * attn.scale, -1)
+        total += weights.sum(dim=(1, 2))
+    return total / (attn.num_heads * length)
+
+
+def pool_like_features(scores: torch.Tensor, side: int) -> torch.Tensor:
+    """Pool per-patch scores [B, side²] onto LLaVA-OneVision's pooled grid, as `apply_pooling` does
+    with features (bilinear to ceil(side/2)). Returns [B, ceil(side/2)²]."""
+    grid = scores.view(-1, 1, side, side)
+    pooled = F.interpolate(grid, size=(math.ceil(side / 2), math.ceil(side / 2)), mode="bilinear")
+    return pooled.flatten(1)
+
+
+class LlavaOnevisionAdapter:
+    """Frames → tokens → reduced `inputs_embeds` → generate, on an unmodified LLaVA-OneVision."""
+
+    def __init__(self, model, processor) -> None:
+        self.model = model
+        self.processor = processor
+        self.config = model.config
+        vision = self.config.vision_config
+        self.patch_side = vision.image_size // vision.patch_size
+        self.grid_hw = (math.ceil(self.patch_side / 2), math.ceil(self.patch_side / 2))
+        self.video_token_id = self.config.video_token_index
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid_hw[0] * self.grid_hw[1]
+
+    @property
+    def language_model(self):
+        return self.model.model.language_model
+
+    def _last_used_vision_layer(self) -> torch.nn.Module:
+        """The SigLIP layer that produces the features the model uses (vision_feature_layer)."""
+        layers = self.model.model.vision_tower.vision_model.encoder.layers
+        chosen = self.config.vision_feature_layer
+        chosen = max(chosen) if isinstance(chosen, list) else chosen
+        # hidden_states[i] is the output of layer i-1 (hidden_states[0] is the patch embedding)
+        index = (len(layers) + 1 + chosen if chosen < 0 else chosen) - 1
+        if index < 0:
+            raise ValueError("vision_feature_layer selects the patch embeddings: there is no attention to read")
+        return layers[index]
+
+    def prepare(self, frames: np.ndarray, prompt: str) -> PromptInputs:
+        """Chat-format `prompt` with one video of `frames` [T, H, W, 3] uint8 through the model's processor."""
+        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        out = self.processor(text=text, videos=[frames], return_tensors="pt")
+        return PromptInputs(out["input_ids"], out["attention_mask"], out["pixel_values_videos"].to(self.model.dtype))
+
+    @torch.no_grad()
+    def encode(self, pixel_values_videos: torch.Tensor, frames_per_batch: int = 8,
+               progress: ProgressFn | None = None) -> EncodedVideo:
+        """Run the vision tower in batches of frames (same numbers as one batch; bounded memory).
+
+        pixel_values_videos: [1, T, 3, S, S]. Returns features [T, N, D] and attention [T, N].
+        """
+        layer = self._last_used_vision_layer()
+        received: list[torch.Tensor] = []
+
+        def record(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            received.append(received_attention(hidden, module))
+
+        handle = layer.self_attn.register_forward_pre_hook(record, with_kwargs=True)
+        num_frames = pixel_values_videos.shape[1]
+        features = []
+        try:
+            for start in range(0, num_frames, frames_per_batch):
+                chunk = pixel_values_videos[:, start : start + frames_per_batch]
+                features.append(self.model.model.get_video_features(chunk).pooler_output)
+                if progress:
+                    progress(min(start + frames_per_batch, num_frames), num_frames)
+        finally:
+            handle.remove()
+        feats = torch.cat(features, dim=1).view(num_frames, self.tokens_per_frame, -1)
+        attention = pool_like_features(torch.cat(received), self.patch_side)
+        return EncodedVideo(feats, attention, self.grid_hw)
+
+    def reduced_inputs(self, prompt: PromptInputs, tokens: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the video placeholders with the reduced tokens plus the video's newline token.
+
+        Returns inputs_embeds [1, L', hidden] and attention_mask [1, L'], L' = L − (T·N − M).
+        """
+        ids = prompt.input_ids[0]
+        where = (ids == self.video_token_id).nonzero().squeeze(1)
+        if len(where) == 0 or where[-1] - where[0] + 1 != len(where):
+            raise ValueError("expected one contiguous run of video placeholders in the prompt")
+        first, last = int(where[0]), int(where[-1])
+        placeholders = torch.full((len(tokens) + 1,), self.video_token_id, dtype=ids.dtype)
+        new_ids = torch.cat([ids[:first], placeholders, ids[last + 1 :]])[None]
+        video = torch.cat([tokens.features, self.model.model.image_newline[None]]).to(self.model.dtype)
+        embeds = self.model.get_input_embeddings()(new_ids)
+        mask = (new_ids == self.video_token_id)[..., None].expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, video)
+        return embeds, torch.ones_like(new_ids)
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 logits_processor=None) -> torch.Tensor:
+        """Greedy generation from `inputs_embeds`; returns the new token ids [1, ≤max_new_tokens]."""
+        return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   max_new_tokens=max_new_tokens, do_sample=False,
+                                   logits_processor=logits_processor)
+
+    def decode(self, token_ids: torch.Tensor) -> str:
+        return self.processor.tokenizer.decode(token_ids[0], skip_special_tokens=True)

@@ -1,0 +1,216 @@
+"""`streamprune summarize`: video → vision tower → outer-LLM reduction → LLM → summary and report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from streamprune.errors import ConfigError
+from streamprune.flops import fastv_prefill_flops, kv_cache_bytes_per_token, prefill_flops
+from streamprune.models import load_video_llm
+from streamprune.reduce import METHODS, reduce_tokens
+from streamprune.reduce.holitom import default_tau
+from streamprune.sources import read_video, resolve_video_arg
+from streamprune.tokens import VisualTokens
+
+DEFAULT_PROMPT = "Describe what happens in this video in a few sentences."
+
+# progress(stage, done, total): the CLI draws bars from it; None runs silently
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class SummarizeOptions:
+    video: str
+    model: str = "tiny"
+    method: str = "holitom"
+    retain: float = 0.1
+    frames: int = 32
+    fps: float | None = None
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 64
+    tau: float | None = None
+    save_viz: str | None = None
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if not 0.0 < self.retain <= 1.0:
+            raise ConfigError(f"--retain must be in (0, 1], got {self.retain}")
+        if self.frames < 1:
+            raise ConfigError(f"--frames must be at least 1, got {self.frames}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.tau is not None and not -1.0 <= self.tau <= 1.0:
+            raise ConfigError(f"--tau is a cosine similarity threshold in [-1, 1], got {self.tau}")
+
+
+@dataclass
+class SummaryReport:
+    video: str
+    model: str
+    random_weights: bool
+    method: str
+    retain: float
+    tau: float | None
+    frames: int
+    timestamps: list[float]
+    segments: list[list[int]]
+    tokens: dict[str, int]
+    flops: dict[str, float]
+    timing_s: dict[str, float]
+    kv_cache_bytes: int
+    kv_cache_bytes_unreduced: int
+    summary: str
+    generated_tokens: int
+    viz: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PrefillProbe:
+    """Times the LLM's first forward (the prefill) and measures the KV cache it leaves, from hooks on
+    the language model; `first_token` is stamped by a logits processor when the first token is chosen."""
+
+    def __init__(self, language_model: torch.nn.Module) -> None:
+        self.language_model = language_model
+        self.prefill_s: float | None = None
+        self.kv_cache_bytes = 0
+        self.first_token_at: float | None = None
+        self.steps = 0
+        self.on_step: Callable[[int], None] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # a LogitsProcessor
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.steps += 1
+        if self.on_step:
+            self.on_step(self.steps)
+        return scores
+
+    @contextmanager
+    def installed(self):
+        started: list[float] = []
+
+        def before(module, args, kwargs):
+            if self.prefill_s is None:
+                started.append(time.perf_counter())
+
+        def after(module, args, kwargs, output):
+            if self.prefill_s is None:
+                self.prefill_s = time.perf_counter() - started[0]
+                self.kv_cache_bytes = cache_bytes(output.past_key_values)
+
+        handles = [self.language_model.register_forward_pre_hook(before, with_kwargs=True),
+                   self.language_model.register_forward_hook(after, with_kwargs=True)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a transformers KV cache (all layers, keys and values)."""
+    if cache is None:
+        return 0
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
+def summarize(opts: SummarizeOptions, progress: ProgressFn | None = None) -> SummaryReport:
+    """Run the whole pipeline once and report what each stage did and cost."""
+    opts.validate()
+    video_path = resolve_video_arg(opts.video)
+    step = (lambda stage: (lambda done, total: progress(stage, done, total))) if progress else (lambda stage: None)
+    timing: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    clip = read_video(video_path, num_frames=opts.frames, fps=opts.fps, progress=step("decode video"))
+    timing["decode_video"] = time.perf_counter() - t0
+
+    loaded = load_video_llm(opts.model)
+    adapter = loaded.adapter
+    prompt = adapter.prepare(clip.frames, opts.prompt)
+
+    t0 = time.perf_counter()
+    encoded = adapter.encode(prompt.pixel_values_videos, progress=step("vision tower"))
+    timing["vision"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tau = None
+    options = {}
+    if opts.method == "holitom" and opts.retain < 1.0:
+        tau = opts.tau if opts.tau is not None else default_tau(opts.retain)
+        options["tau"] = tau
+    tokens = reduce_tokens(opts.method, encoded.features, encoded.attention, encoded.grid_hw, opts.retain, **options)
+    timing["reduce"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    inputs_embeds, attention_mask = adapter.reduced_inputs(prompt, tokens)
+    probe = PrefillProbe(adapter.language_model)
+    if progress:
+        probe.on_step = lambda n: progress("generate", n, opts.max_new_tokens)
+    with probe.installed():
+        new_ids = adapter.generate(inputs_embeds, attention_mask, opts.max_new_tokens, logits_processor=[probe])
+    generate_start = t0
+    timing["prefill"] = probe.prefill_s or 0.0
+    timing["ttft"] = timing["vision"] + timing["reduce"] + ((probe.first_token_at or time.perf_counter()) - generate_start)
+    timing["generate"] = time.perf_counter() - generate_start
+
+    report = _report(opts, loaded, clip, tokens, prompt.input_ids.shape[1], inputs_embeds.shape[1], tau, timing,
+                     probe.kv_cache_bytes, adapter.decode(new_ids), new_ids.shape[1])
+    if opts.save_viz:
+        from streamprune.viz import render_reduction
+
+        title = f"{Path(clip.path).name} · {opts.method} retain {opts.retain:g}" + (f" τ={tau:g}" if tau else "")
+        render_reduction(clip.frames, tokens, timestamps=clip.timestamps, title=title, path=opts.save_viz)
+        report.viz = str(opts.save_viz)
+    return report
+
+
+def _report(opts: SummarizeOptions, loaded, clip, tokens: VisualTokens, full_len: int, reduced_len: int,
+            tau: float | None, timing: dict[str, float], kv_bytes: int, summary: str, generated: int) -> SummaryReport:
+    text_config = loaded.adapter.config.text_config
+    vision_tokens = tokens.num_frames * tokens.tokens_per_frame
+    notes = []
+    if loaded.random_weights:
+        notes.append("random weights: the model is untrained, so the summary text is noise; "
+                     "token counts, FLOPs and timing ratios are real")
+    return SummaryReport(
+        video=str(clip.path),
+        model=loaded.name,
+        random_weights=loaded.random_weights,
+        method=opts.method if opts.retain < 1.0 else "none",
+        retain=opts.retain,
+        tau=tau,
+        frames=tokens.num_frames,
+        timestamps=[round(float(t), 3) for t in clip.timestamps],
+        segments=[[s, e] for s, e in tokens.segments],
+        tokens={
+            "vision": vision_tokens,
+            "after_temporal_merge": tokens.after_temporal,
+            "llm_input": len(tokens) + 1,  # + LLaVA-OneVision's one newline token per video
+            "prompt": reduced_len,
+            "prompt_unreduced": full_len,
+        },
+        flops={
+            "prefill": prefill_flops(text_config, reduced_len),
+            "prefill_unreduced": prefill_flops(text_config, full_len),
+            "prefill_fastv_formula": fastv_prefill_flops(text_config, reduced_len),
+            "prefill_unreduced_fastv_formula": fastv_prefill_flops(text_config, full_len),
+        },
+        timing_s={k: round(v, 4) for k, v in timing.items()},
+        kv_cache_bytes=kv_bytes,
+        kv_cache_bytes_unreduced=kv_cache_bytes_per_token(text_config) * full_len,
+        summary=summary,
+        generated_tokens=generated,
+        notes=notes,
+    )
