@@ -1,4 +1,4 @@
-"""Command line: `streamprune summarize VIDEO ...`."""
+"""Command line: `streamprune summarize VIDEO ...` and `streamprune fidelity VIDEO ...`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
-from streamprune.errors import StreamPruneError
+from streamprune.errors import ConfigError, StreamPruneError
+from streamprune.fidelity import run_fidelity
+from streamprune.models.inner_stage import InnerConfig
 from streamprune.reduce import METHODS
 from streamprune.summarize import DEFAULT_PROMPT, SummarizeOptions, SummaryReport, summarize
 
@@ -18,23 +20,51 @@ def _ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _add_video_and_reduction_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `summarize` and `fidelity`: input, model, outer and inner reduction."""
+    p.add_argument("video", metavar="VIDEO", help="video file, or sample:NAME for a bundled sample (sample:bigbuckbunny)")
+    p.add_argument("--model", default="tiny", help="hub ID, local folder, or 'tiny' (random weights, offline) [tiny]")
+    p.add_argument("--method", default="holitom", choices=sorted(METHODS), help="outer-LLM reduction [holitom]")
+    p.add_argument("--retain", type=_ratio, default=0.1, help="fraction of visual tokens kept, in (0, 1] [0.1]")
+    p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly [32]")
+    p.add_argument("--fps", type=_ratio, default=None, help="sample at this rate instead (capped at --frames)")
+    p.add_argument("--tau", type=_ratio, default=None, help="static-token similarity threshold [0.8; 0.65 at retain ≤ 0.1]")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="instruction given with the video")
+    p.add_argument("--inner", default="none", choices=["holitom", "similarity", "fastv", "none"],
+                   help="merging inside the LLM at layer K [none]")
+    p.add_argument("--inner-layer", type=int, default=None,
+                   help="K; default: HoliTom's 18 of 28 layers, scaled to the model's depth")
+    p.add_argument("--inner-ratio", type=_ratio, default=0.5, help="fraction of visual tokens removed at K [0.5]")
+    p.add_argument("--inner-merge", default="mean", choices=["mean", "pairwise"],
+                   help="merged value: size-weighted mean, or HoliTom's running pairwise average [mean]")
+    p.add_argument("--proportional-attention", action="store_true",
+                   help="add log(size) to the attention logits of merged tokens (ToMe)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamprune", description="Token reduction for video LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("summarize", help="summarize a video with a compressed visual context",
                        description="Summarize a video: sample frames, reduce visual tokens (HoliTom), generate.")
-    s.add_argument("video", metavar="VIDEO", help="video file, or sample:NAME for a bundled sample (sample:bigbuckbunny)")
-    s.add_argument("--model", default="tiny", help="hub ID, local folder, or 'tiny' (random weights, offline) [tiny]")
-    s.add_argument("--method", default="holitom", choices=sorted(METHODS), help="outer-LLM reduction [holitom]")
-    s.add_argument("--retain", type=_ratio, default=0.1, help="fraction of visual tokens kept, in (0, 1] [0.1]")
-    s.add_argument("--frames", type=int, default=32, help="frames sampled uniformly [32]")
-    s.add_argument("--fps", type=_ratio, default=None, help="sample at this rate instead (capped at --frames)")
-    s.add_argument("--tau", type=_ratio, default=None, help="static-token similarity threshold [0.8; 0.65 at retain ≤ 0.1]")
-    s.add_argument("--prompt", default=DEFAULT_PROMPT, help="instruction given with the video")
+    _add_video_and_reduction_args(s)
     s.add_argument("--max-new-tokens", type=int, default=64, help="length limit of the summary [64]")
-    s.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     s.add_argument("--save-viz", metavar="PATH", help="write a PNG of segments and kept/merged/dropped tokens")
+    f = sub.add_parser("fidelity", help="how far a reduction moves the model's output (proxy metrics)",
+                       description="Compare a reduced model with the unreduced one on the same video and prompt: "
+                                   "KL of the first answer token, token agreement, hidden-state cosine.")
+    _add_video_and_reduction_args(f)
+    f.add_argument("--steps", type=int, default=32, help="answer tokens compared [32]")
     return parser
+
+
+def _options(args: argparse.Namespace) -> SummarizeOptions:
+    return SummarizeOptions(video=args.video, model=args.model, method=args.method, retain=args.retain,
+                            frames=args.frames, fps=args.fps, prompt=args.prompt,
+                            max_new_tokens=getattr(args, "max_new_tokens", 64), tau=args.tau,
+                            save_viz=getattr(args, "save_viz", None),
+                            inner=InnerConfig(mode=args.inner, layer=args.inner_layer, ratio=args.inner_ratio,
+                                              merge=args.inner_merge, proportional=args.proportional_attention))
 
 
 def _progress_bars(console):
@@ -60,7 +90,7 @@ def print_report(report: SummaryReport, console) -> None:
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
     # untrained models emit arbitrary bytes: show control characters as · rather than garble the terminal
-    shown = "".join(c if c.isprintable() or c == "\n" else "·" for c in report.summary)
+    shown = "".join(c if (c.isprintable() and c != "\ufffd") or c == "\n" else "·" for c in report.summary)
     console.print(Panel(shown or "(empty)", title="summary", expand=False), markup=False)
     tok, fl, tm = report.tokens, report.flops, report.timing_s
     table = Table(title=f"{report.method} · retain {report.retain:g}" + (f" · τ {report.tau:g}" if report.tau else ""),
@@ -68,11 +98,15 @@ def print_report(report: SummaryReport, console) -> None:
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_column("", justify="left", style="dim")
-    table.add_row("frames", str(report.frames), f"{len(report.segments)} segments")
+    table.add_row("frames", str(report.frames), f"{len(report.segments)} segment{'s' * (len(report.segments) != 1)}")
     table.add_row("vision tokens", f"{tok['vision']:,}", f"{tok['vision'] // max(report.frames, 1)} per frame")
     table.add_row("after temporal merge", f"{tok['after_temporal_merge']:,}", f"{tok['after_temporal_merge'] / tok['vision']:.1%}")
     table.add_row("into the LLM", f"{tok['llm_input']:,}", f"{(tok['llm_input'] - 1) / tok['vision']:.1%} (+1 newline)")
     table.add_row("prompt length", f"{tok['prompt']:,}", f"unreduced {tok['prompt_unreduced']:,}")
+    if report.inner.get("mode", "none") != "none":
+        inner = report.inner
+        table.add_row(f"after layer {inner['layer']}", f"{tok['after_inner']:,}",
+                      f"inner {inner['mode']}, ratio {inner['ratio']:g}")
     table.add_row("prefill FLOPs", f"{fl['prefill']:.3g}",
                   f"{fl['prefill'] / fl['prefill_unreduced']:.1%} of {fl['prefill_unreduced']:.3g} "
                   f"(papers' formula: {fl['prefill_fastv_formula'] / fl['prefill_unreduced_fastv_formula']:.1%})")
@@ -87,23 +121,49 @@ def print_report(report: SummaryReport, console) -> None:
         console.print(f"visualization: {report.viz}")
 
 
+def print_fidelity(result: dict, console) -> None:
+    from rich.table import Table
+
+    if result["random_weights"]:
+        console.print("[yellow]note:[/] random weights: these numbers show how far reduction moves an untrained "
+                      "model, a mechanics check rather than a quality estimate")
+    inner = result["inner"]
+    title = f"{result['method']} retain {result['retain']:g}" + (
+        f" + inner {inner['mode']} (K={inner['layer']}, r={inner['ratio']:g})" if inner["mode"] != "none" else "")
+    table = Table(title=f"fidelity vs unreduced: {title}", show_header=False)
+    table.add_row("visual tokens into the LLM", f"{result['llm_input_tokens']:,} of {result['llm_input_tokens_unreduced']:,}")
+    table.add_row("KL, first answer token", f"{result['kl_first_token']:.4g} nats")
+    table.add_row(f"KL, mean over {result['steps']} tokens", f"{result['kl_mean']:.4g} nats")
+    table.add_row("top-1 agreement (teacher-forced)", f"{result['teacher_forced_agreement']:.1%}")
+    table.add_row("greedy agreement (free-running)", f"{result['greedy_agreement']:.1%}")
+    table.add_row("final hidden-state cosine", f"{result['hidden_cosine']:.4f}")
+    console.print(table)
+    console.print(f"[dim]{result['metrics']}[/]")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rich.console import Console
 
     err = Console(stderr=True)
     try:
+        bars, update = _progress_bars(err)
         if args.command == "summarize":
-            opts = SummarizeOptions(video=args.video, model=args.model, method=args.method, retain=args.retain,
-                                    frames=args.frames, fps=args.fps, prompt=args.prompt,
-                                    max_new_tokens=args.max_new_tokens, tau=args.tau, save_viz=args.save_viz)
-            bars, update = _progress_bars(err)
             with bars:
-                report = summarize(opts, progress=update)
+                report = summarize(_options(args), progress=update)
             if args.json:
                 print(json.dumps(report.to_dict()))
             else:
                 print_report(report, Console())
+        elif args.command == "fidelity":
+            if args.steps < 1:
+                raise ConfigError(f"--steps must be at least 1, got {args.steps}")
+            with bars:
+                result = run_fidelity(_options(args), steps=args.steps, progress=update)
+            if args.json:
+                print(json.dumps(result))
+            else:
+                print_fidelity(result, Console())
         return 0
     except StreamPruneError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -12,10 +12,12 @@ import torch
 
 from streamprune.errors import ConfigError
 from streamprune.flops import fastv_prefill_flops, kv_cache_bytes_per_token, prefill_flops
-from streamprune.models import load_video_llm
+from streamprune.models import LoadedModel, load_video_llm
+from streamprune.models.inner_stage import InnerConfig, validate
+from streamprune.models.llava_onevision import EncodedVideo, PromptInputs
 from streamprune.reduce import METHODS, reduce_tokens
 from streamprune.reduce.holitom import default_tau
-from streamprune.sources import read_video, resolve_video_arg
+from streamprune.sources import VideoClip, read_video, resolve_video_arg
 from streamprune.tokens import VisualTokens
 
 DEFAULT_PROMPT = "Describe what happens in this video in a few sentences."
@@ -36,6 +38,7 @@ class SummarizeOptions:
     max_new_tokens: int = 64
     tau: float | None = None
     save_viz: str | None = None
+    inner: InnerConfig = field(default_factory=InnerConfig)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -63,6 +66,7 @@ class SummaryReport:
     segments: list[list[int]]
     tokens: dict[str, int]
     flops: dict[str, float]
+    inner: dict
     timing_s: dict[str, float]
     kv_cache_bytes: int
     kv_cache_bytes_unreduced: int
@@ -125,47 +129,77 @@ def cache_bytes(cache) -> int:
                if t is not None)
 
 
-def summarize(opts: SummarizeOptions, progress: ProgressFn | None = None) -> SummaryReport:
-    """Run the whole pipeline once and report what each stage did and cost."""
+@dataclass
+class EncodedRun:
+    """Everything up to the reduction: the sampled clip, the loaded model, the prompt and vision output."""
+
+    clip: VideoClip
+    loaded: LoadedModel
+    prompt: PromptInputs
+    encoded: EncodedVideo
+    inner_layer: int
+    timing: dict[str, float]
+
+
+def encode_video(opts: SummarizeOptions, progress: ProgressFn | None = None) -> EncodedRun:
+    """Validate, decode the video, load the model, format the prompt and run the vision tower."""
     opts.validate()
     video_path = resolve_video_arg(opts.video)
-    step = (lambda stage: (lambda done, total: progress(stage, done, total))) if progress else (lambda stage: None)
     timing: dict[str, float] = {}
-
     t0 = time.perf_counter()
-    clip = read_video(video_path, num_frames=opts.frames, fps=opts.fps, progress=step("decode video"))
+    clip = read_video(video_path, num_frames=opts.frames, fps=opts.fps, progress=_stage(progress, "decode video"))
     timing["decode_video"] = time.perf_counter() - t0
 
     loaded = load_video_llm(opts.model)
-    adapter = loaded.adapter
-    prompt = adapter.prepare(clip.frames, opts.prompt)
-
+    inner_layer = validate(opts.inner, loaded.adapter.config.text_config.num_hidden_layers)
+    prompt = loaded.adapter.prepare(clip.frames, opts.prompt)
     t0 = time.perf_counter()
-    encoded = adapter.encode(prompt.pixel_values_videos, progress=step("vision tower"))
+    encoded = loaded.adapter.encode(prompt.pixel_values_videos, progress=_stage(progress, "vision tower"))
     timing["vision"] = time.perf_counter() - t0
+    return EncodedRun(clip, loaded, prompt, encoded, inner_layer, timing)
+
+
+def reduction_options(opts: SummarizeOptions) -> dict:
+    """Options for `reduce_tokens`: HoliTom's τ (the authors' default for the ratio unless given)."""
+    if opts.method == "holitom" and opts.retain < 1.0:
+        return {"tau": opts.tau if opts.tau is not None else default_tau(opts.retain)}
+    return {}
+
+
+def _stage(progress: ProgressFn | None, stage: str):
+    return (lambda done, total: progress(stage, done, total)) if progress else None
+
+
+def summarize(opts: SummarizeOptions, progress: ProgressFn | None = None) -> SummaryReport:
+    """Run the whole pipeline once and report what each stage did and cost."""
+    run = encode_video(opts, progress)
+    clip, loaded, prompt, encoded, inner_layer, timing = (run.clip, run.loaded, run.prompt, run.encoded,
+                                                          run.inner_layer, run.timing)
+    adapter = loaded.adapter
 
     t0 = time.perf_counter()
-    tau = None
-    options = {}
-    if opts.method == "holitom" and opts.retain < 1.0:
-        tau = opts.tau if opts.tau is not None else default_tau(opts.retain)
-        options["tau"] = tau
+    options = reduction_options(opts)
+    tau = options.get("tau")
     tokens = reduce_tokens(opts.method, encoded.features, encoded.attention, encoded.grid_hw, opts.retain, **options)
     timing["reduce"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    inputs_embeds, attention_mask = adapter.reduced_inputs(prompt, tokens)
+    inputs = adapter.reduced_inputs(prompt, tokens)
     probe = PrefillProbe(adapter.language_model)
     if progress:
         probe.on_step = lambda n: progress("generate", n, opts.max_new_tokens)
-    with probe.installed():
-        new_ids = adapter.generate(inputs_embeds, attention_mask, opts.max_new_tokens, logits_processor=[probe])
-    generate_start = t0
+    with adapter.inner_stage(inputs, opts.inner) as stage, probe.installed():
+        new_ids = adapter.generate(inputs, opts.max_new_tokens, logits_processor=[probe])
     timing["prefill"] = probe.prefill_s or 0.0
-    timing["ttft"] = timing["vision"] + timing["reduce"] + ((probe.first_token_at or time.perf_counter()) - generate_start)
-    timing["generate"] = time.perf_counter() - generate_start
+    timing["ttft"] = timing["vision"] + timing["reduce"] + ((probe.first_token_at or time.perf_counter()) - t0)
+    timing["generate"] = time.perf_counter() - t0
 
-    report = _report(opts, loaded, clip, tokens, prompt.input_ids.shape[1], inputs_embeds.shape[1], tau, timing,
+    seq_len = inputs.inputs_embeds.shape[1]
+    after_inner = stage.tokens_after if stage else seq_len
+    per_layer = [seq_len] * inner_layer + [after_inner] * (adapter.config.text_config.num_hidden_layers - inner_layer)
+    inner = ({"mode": opts.inner.mode, "layer": inner_layer, "ratio": opts.inner.ratio, "merge": opts.inner.merge,
+              "proportional": opts.inner.proportional} if stage else {"mode": "none"})
+    report = _report(opts, loaded, clip, tokens, prompt.input_ids.shape[1], per_layer, tau, inner, timing,
                      probe.kv_cache_bytes, adapter.decode(new_ids), new_ids.shape[1])
     if opts.save_viz:
         from streamprune.viz import render_reduction
@@ -176,8 +210,8 @@ def summarize(opts: SummarizeOptions, progress: ProgressFn | None = None) -> Sum
     return report
 
 
-def _report(opts: SummarizeOptions, loaded, clip, tokens: VisualTokens, full_len: int, reduced_len: int,
-            tau: float | None, timing: dict[str, float], kv_bytes: int, summary: str, generated: int) -> SummaryReport:
+def _report(opts: SummarizeOptions, loaded, clip, tokens: VisualTokens, full_len: int, per_layer: list[int],
+            tau: float | None, inner: dict, timing: dict[str, float], kv_bytes: int, summary: str, generated: int) -> SummaryReport:
     text_config = loaded.adapter.config.text_config
     vision_tokens = tokens.num_frames * tokens.tokens_per_frame
     notes = []
@@ -198,15 +232,17 @@ def _report(opts: SummarizeOptions, loaded, clip, tokens: VisualTokens, full_len
             "vision": vision_tokens,
             "after_temporal_merge": tokens.after_temporal,
             "llm_input": len(tokens) + 1,  # + LLaVA-OneVision's one newline token per video
-            "prompt": reduced_len,
+            "prompt": per_layer[0],
+            "after_inner": per_layer[-1],  # sequence length from the inner-merge layer on
             "prompt_unreduced": full_len,
         },
         flops={
-            "prefill": prefill_flops(text_config, reduced_len),
+            "prefill": prefill_flops(text_config, per_layer),
             "prefill_unreduced": prefill_flops(text_config, full_len),
-            "prefill_fastv_formula": fastv_prefill_flops(text_config, reduced_len),
+            "prefill_fastv_formula": fastv_prefill_flops(text_config, per_layer),
             "prefill_unreduced_fastv_formula": fastv_prefill_flops(text_config, full_len),
         },
+        inner=inner,
         timing_s={k: round(v, 4) for k, v in timing.items()},
         kv_cache_bytes=kv_bytes,
         kv_cache_bytes_unreduced=kv_cache_bytes_per_token(text_config) * full_len,

@@ -47,9 +47,9 @@ def test_reduction_off_generates_exactly_what_the_unmodified_model_does(tiny, pr
     adapter = tiny.adapter
     encoded = adapter.encode(prompt_inputs.pixel_values_videos, frames_per_batch=3)  # batching must not matter
     tokens = reduce_tokens(method, encoded.features, encoded.attention, encoded.grid_hw, retain)
-    embeds, mask = adapter.reduced_inputs(prompt_inputs, tokens)
-    assert embeds.shape[1] == prompt_inputs.input_ids.shape[1]
-    ours = adapter.generate(embeds, mask, NEW_TOKENS)
+    inputs = adapter.reduced_inputs(prompt_inputs, tokens)
+    assert inputs.inputs_embeds.shape[1] == prompt_inputs.input_ids.shape[1]
+    ours = adapter.generate(inputs, NEW_TOKENS)
     assert ours.tolist() == reference_tokens.tolist()
 
 
@@ -58,9 +58,11 @@ def test_tiny_model_output_depends_on_the_video(tiny, prompt_inputs, reference_t
     adapter = tiny.adapter
     encoded = adapter.encode(prompt_inputs.pixel_values_videos)
     tokens = reduce_tokens("holitom", encoded.features, encoded.attention, encoded.grid_hw, 0.1)
-    embeds, mask = adapter.reduced_inputs(prompt_inputs, tokens)
-    assert embeds.shape[1] == prompt_inputs.input_ids.shape[1] - (FRAMES * 196 - len(tokens))
-    assert adapter.generate(embeds, mask, NEW_TOKENS).tolist() != reference_tokens.tolist()
+    inputs = adapter.reduced_inputs(prompt_inputs, tokens)
+    assert inputs.inputs_embeds.shape[1] == prompt_inputs.input_ids.shape[1] - (FRAMES * 196 - len(tokens))
+    assert inputs.visual_mask.sum() == len(tokens) + 1  # + the newline token
+    assert inputs.sizes[inputs.visual_mask].sum() == FRAMES * 196 + 1
+    assert adapter.generate(inputs, NEW_TOKENS).tolist() != reference_tokens.tolist()
 
 
 def test_vision_attention_is_a_distribution_per_frame(tiny, prompt_inputs):

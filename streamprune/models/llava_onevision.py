@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from streamprune.models.inner_stage import InnerConfig, InnerStage
 from streamprune.tokens import VisualTokens
 
 ProgressFn = Callable[[int, int], None]
@@ -33,6 +35,18 @@ class EncodedVideo:
     features: torch.Tensor
     attention: torch.Tensor
     grid_hw: tuple[int, int]
+
+
+@dataclass
+class LLMInputs:
+    """What the decoder gets: inputs_embeds [1, L', hidden], attention_mask [1, L'], and per position
+    visual_mask [1, L'] (True on visual tokens, the newline included) and sizes [1, L'] (originals each
+    position stands for; 1 for text)."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    visual_mask: torch.Tensor
+    sizes: torch.Tensor
 
 
 @dataclass
@@ -136,11 +150,9 @@ class LlavaOnevisionAdapter:
         attention = pool_like_features(torch.cat(received), self.patch_side)
         return EncodedVideo(feats, attention, self.grid_hw)
 
-    def reduced_inputs(self, prompt: PromptInputs, tokens: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replace the video placeholders with the reduced tokens plus the video's newline token.
-
-        Returns inputs_embeds [1, L', hidden] and attention_mask [1, L'], L' = L − (T·N − M).
-        """
+    def reduced_inputs(self, prompt: PromptInputs, tokens: VisualTokens) -> LLMInputs:
+        """Replace the video placeholders with the reduced tokens plus the video's newline token;
+        L' = L − (T·N − M)."""
         ids = prompt.input_ids[0]
         where = (ids == self.video_token_id).nonzero().squeeze(1)
         if len(where) == 0 or where[-1] - where[0] + 1 != len(where):
@@ -152,15 +164,28 @@ class LlavaOnevisionAdapter:
         embeds = self.model.get_input_embeddings()(new_ids)
         mask = (new_ids == self.video_token_id)[..., None].expand_as(embeds)
         embeds = embeds.masked_scatter(mask, video)
-        return embeds, torch.ones_like(new_ids)
+        visual = new_ids == self.video_token_id
+        sizes = torch.ones(new_ids.shape)
+        sizes[visual] = torch.cat([tokens.size.float(), torch.ones(1)])
+        return LLMInputs(embeds, torch.ones_like(new_ids), visual, sizes)
 
     @torch.no_grad()
-    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 logits_processor=None) -> torch.Tensor:
-        """Greedy generation from `inputs_embeds`; returns the new token ids [1, ≤max_new_tokens]."""
-        return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                   max_new_tokens=max_new_tokens, do_sample=False,
-                                   logits_processor=logits_processor)
+    def generate(self, inputs: LLMInputs, max_new_tokens: int, logits_processor=None) -> torch.Tensor:
+        """Greedy generation; returns the new token ids [1, ≤max_new_tokens]. Run it inside
+        `inner_stage(...)` to merge tokens inside the LLM."""
+        return self.model.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                                   max_new_tokens=max_new_tokens, do_sample=False, logits_processor=logits_processor)
+
+    @contextmanager
+    def inner_stage(self, inputs: LLMInputs, inner: InnerConfig | None):
+        """The inner-LLM stage for `inputs`, installed for the duration (None when inactive)."""
+        if inner is None or not inner.active:
+            yield None
+            return
+        stage = InnerStage(self.language_model, inner)
+        stage.prepare(inputs.visual_mask, inputs.sizes)
+        with stage.installed():
+            yield stage
 
     def decode(self, token_ids: torch.Tensor) -> str:
         return self.processor.tokenizer.decode(token_ids[0], skip_special_tokens=True)
