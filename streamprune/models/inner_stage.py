@@ -35,7 +35,8 @@ class InnerConfig:
 
     @property
     def active(self) -> bool:
-        return self.mode != "none" and self.ratio > 0
+        """Installed at all: merging something, or only biasing attention by size (ratio 0)."""
+        return self.mode != "none" and (self.ratio > 0 or self.proportional)
 
 
 def default_layer(num_layers: int) -> int:
@@ -57,24 +58,34 @@ def validate(config: InnerConfig, num_layers: int) -> int:
     return layer
 
 
-def last_token_attention(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings, attention_mask) -> torch.Tensor:
-    """Head-averaged attention of the last token over all keys in one attention layer.
+def query_attention(attn: torch.nn.Module, query_hidden: torch.Tensor, query_rope, keys: torch.Tensor,
+                    mask_row: torch.Tensor | None = None) -> torch.Tensor:
+    """Head-averaged attention of one query over keys, in one attention layer.
 
-    hidden: [B, L, C] the layer's (normed) attention input. Returns [B, L].
+    query_hidden: [B, 1, C] the layer's (normed) attention input at the query; query_rope: its (cos, sin);
+    keys: [B, kv_heads, L, hd] after RoPE (as a cache holds them); mask_row: [B, 1, L] bool (True = may
+    attend) or additive. Returns [B, L].
     """
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own RoPE
-    b, length, _ = hidden.shape
-    q = attn.q_proj(hidden[:, -1:]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(hidden).view(b, length, -1, attn.head_dim).transpose(1, 2)
-    cos, sin = position_embeddings
-    q, _ = rope(q, q, cos[..., -1:, :], sin[..., -1:, :])
-    _, k = rope(k, k, cos, sin)
-    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
+    b = query_hidden.shape[0]
+    q = attn.q_proj(query_hidden).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+    q, _ = rope(q, q, *query_rope)
+    k = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
     logits = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, H, L]
-    if attention_mask is not None:
-        row = attention_mask[:, :, -1, :length]  # [B, 1, L]
-        logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row
+    if mask_row is not None:
+        logits = logits.masked_fill(~mask_row, float("-inf")) if mask_row.dtype == torch.bool else logits + mask_row
     return torch.softmax(logits.float(), -1).mean(1)
+
+
+def last_token_attention(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings, attention_mask) -> torch.Tensor:
+    """Head-averaged attention of the last token over all tokens of `hidden` [B, L, C]. Returns [B, L]."""
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    b, length, _ = hidden.shape
+    cos, sin = position_embeddings
+    k = attn.k_proj(hidden).view(b, length, -1, attn.head_dim).transpose(1, 2)
+    _, k = rope(k, k, cos, sin)
+    mask_row = None if attention_mask is None else attention_mask[:, :, -1, :length]
+    return query_attention(attn, hidden[:, -1:], (cos[..., -1:, :], sin[..., -1:, :]), k, mask_row)
 
 
 def _gather_rows_cols(mask: torch.Tensor | None, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor | None:

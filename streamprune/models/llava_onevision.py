@@ -121,6 +121,11 @@ class LlavaOnevisionAdapter:
         out = self.processor(text=text, videos=[frames], return_tensors="pt")
         return PromptInputs(out["input_ids"], out["attention_mask"], out["pixel_values_videos"].to(self.model.dtype))
 
+    def pixel_values(self, frames: np.ndarray) -> torch.Tensor:
+        """Frames [T, H, W, 3] uint8 → the model's pixel_values_videos [1, T, 3, S, S]."""
+        out = self.processor.video_processor(videos=[frames], return_tensors="pt")
+        return out["pixel_values_videos"].to(self.model.dtype)
+
     @torch.no_grad()
     def encode(self, pixel_values_videos: torch.Tensor, frames_per_batch: int = 8,
                progress: ProgressFn | None = None) -> EncodedVideo:

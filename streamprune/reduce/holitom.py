@@ -38,8 +38,10 @@ def adjacent_similarity(features: torch.Tensor) -> torch.Tensor:
 
     features: [T, N, D] -> [T-1, N]
     """
-    x = F.normalize(features.float(), dim=-1)
-    return (x[:-1] * x[1:]).sum(-1)
+    x = features.float()
+    norms = x.norm(dim=-1).clamp_min(1e-12)
+    # batched dot products: no [T-1, N, D] temporaries
+    return torch.einsum("tnd,tnd->tn", x[:-1], x[1:]) / (norms[:-1] * norms[1:])
 
 
 def static_gains(similarity: torch.Tensor, tau: float, max_window: int = DEFAULT_MAX_WINDOW) -> np.ndarray:
@@ -52,11 +54,19 @@ def static_gains(similarity: torch.Tensor, tau: float, max_window: int = DEFAULT
     ok = (similarity > tau).cpu().numpy()  # [T-1, N]
     t = ok.shape[0] + 1
     gains = np.zeros((t, t), dtype=np.float64)
-    for s in range(t - 1):
-        span = ok[s : min(t - 1, s + max_window - 1)]
-        static_count = np.logical_and.accumulate(span, axis=0).sum(axis=1)  # windows [s, s+1..]
-        e = np.arange(s + 1, s + 1 + len(static_count))
-        gains[s, e] = (e - s) * static_count
+    longest = min(max_window - 1, t - 1)
+    if longest < 1:
+        return gains
+    # run[s, p]: how many consecutive transitions from s on are static at p
+    run = np.zeros((t, ok.shape[1]), dtype=np.int32)
+    for s in range(t - 2, -1, -1):
+        run[s] = np.where(ok[s], run[s + 1] + 1, 0)
+    lengths = np.arange(1, longest + 1)
+    counts = (run[:, :, None] >= lengths).sum(1)  # [T, longest]: static positions of window [s, s+L]
+    starts = np.arange(t)[:, None]
+    ends = starts + lengths[None, :]
+    valid = ends < t
+    gains[np.broadcast_to(starts, ends.shape)[valid], ends[valid]] = (lengths * counts)[valid]
     return gains
 
 
@@ -168,11 +178,14 @@ def holitom_reduce(
     beta: float = DEFAULT_BETA,
     knn: int = DEFAULT_KNN,
     max_window: int = DEFAULT_MAX_WINDOW,
+    protected: torch.Tensor | None = None,
 ) -> VisualTokens:
     """HoliTom's outer-LLM stages I and II.
 
     features:  [T, N, D] projected (and pooled) visual tokens.
     attention: [T, N] attention each patch received in the vision tower's last used layer.
+    protected: optional [N] bool grid positions that are never merged across time and come first in
+               every frame's top-k (the streaming engine protects what questions looked at).
     Returns VisualTokens with min(round(retain·T·N), tokens left after temporal merge) tokens, in
     HoliTom's order: per segment, its static tokens, then each frame's dynamic tokens (grid order).
     """
@@ -183,15 +196,17 @@ def holitom_reduce(
         raise ConfigError(f"retain must be in (0, 1], got {retain}")
     tau = default_tau(retain) if tau is None else tau
     features = features.float()
+    if protected is not None:
+        attention = attention.float() + protected.float() * (attention.max() + 1)
 
     similarity = adjacent_similarity(features) if t > 1 else features.new_zeros(0, n)
-    segments, merged_away = segment_by_gains(static_gains(similarity, tau, max_window), max_window) if t > 1 else ([(0, 0)], 0)
+    segments = segment_by_gains(static_gains(similarity, tau, max_window), max_window)[0] if t > 1 else [(0, 0)]
 
     # Stage I result: per segment a static mask [N]; static tokens are temporal means.
     static_masks = []
     for s, e in segments:
         mask = (similarity[s:e] > tau).all(0) if e > s else torch.zeros(n, dtype=torch.bool)
-        static_masks.append(mask)
+        static_masks.append(mask if protected is None else mask & ~protected)
 
     # Parts that share the budget: (segment, frame or None for static, positions)
     parts: list[tuple[int, int | None, torch.Tensor]] = []
@@ -251,7 +266,7 @@ def holitom_reduce(
         fate=fate,
         grid_hw=grid_hw,
         segments=segments,
-        after_temporal=t * n - int(merged_away),
+        after_temporal=t * n - sum((e - s) * int(m.sum()) for (s, e), m in zip(segments, static_masks, strict=True)),
     )
 
 
