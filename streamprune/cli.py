@@ -1,4 +1,4 @@
-"""Command line: `streamprune summarize VIDEO ...` and `streamprune fidelity VIDEO ...`."""
+"""Command line: `streamprune summarize | fidelity | stream`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 from streamprune.errors import ConfigError, StreamPruneError
 from streamprune.fidelity import run_fidelity
+from streamprune.live import LiveOptions, run_stream
 from streamprune.models.inner_stage import InnerConfig
 from streamprune.reduce import METHODS
 from streamprune.summarize import DEFAULT_PROMPT, SummarizeOptions, SummaryReport, summarize
@@ -55,6 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "KL of the first answer token, token agreement, hidden-state cosine.")
     _add_video_and_reduction_args(f)
     f.add_argument("--steps", type=int, default=32, help="answer tokens compared [32]")
+    st = sub.add_parser("stream", help="watch a live source with live token counts",
+                        description="Stream a webcam, network stream, file or test pattern through the streaming "
+                                    "engine: online segmentation, merging and incremental prefill.")
+    st.add_argument("source", metavar="SOURCE",
+                    help="file, sample:NAME, webcam[:N] or /dev/videoN, rtsp:// http(s):// udp:// tcp:// URL, "
+                         "or synthetic[:static|moving-box]")
+    st.add_argument("--model", default="tiny", help="hub ID, local folder, or 'tiny' [tiny]")
+    st.add_argument("--retain", type=_ratio, default=0.1, help="fraction of each segment's tokens kept [0.1]")
+    st.add_argument("--ask", metavar="TEXT", help="question to answer from the stream")
+    st.add_argument("--every", type=_ratio, metavar="SECONDS", help="ask every SECONDS of stream time (else once at the end)")
+    st.add_argument("--max-context-tokens", type=int, help="KV-cache budget; older segments are merged, then evicted")
+    st.add_argument("--lookahead", type=int, default=8, help="frames that must follow a segment before it closes [8]")
+    st.add_argument("--ui", choices=["terminal", "web", "none"], default=None,
+                    help="live view [terminal on a TTY, else none]")
+    st.add_argument("--port", type=int, default=0, help="web view port on 127.0.0.1 [any free]")
+    st.add_argument("--json-lines", action="store_true", help="one JSON object per segment and answer on stdout")
+    st.add_argument("--max-frames", type=int, help="stop after this many frames")
+    st.add_argument("--realtime", action="store_true", help="pace a file at its frame rate")
     return parser
 
 
@@ -155,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(report.to_dict()))
             else:
                 print_report(report, Console())
+        elif args.command == "stream":
+            ui = args.ui or ("terminal" if sys.stderr.isatty() and not args.json_lines else "none")
+            run_stream(LiveOptions(source=args.source, model=args.model, retain=args.retain, ask=args.ask,
+                                   every=args.every, max_context_tokens=args.max_context_tokens,
+                                   lookahead=args.lookahead, ui=ui, json_lines=args.json_lines,
+                                   max_frames=args.max_frames, realtime=args.realtime, port=args.port))
         elif args.command == "fidelity":
             if args.steps < 1:
                 raise ConfigError(f"--steps must be at least 1, got {args.steps}")

@@ -34,7 +34,7 @@ from streamprune.reduce.inner import MergePlan, apply_plan, bipartite_plan
 from streamprune.summarize import cache_bytes
 from streamprune.tokens import Fate
 
-THUMB = 32  # side of the grey thumbnail used for the frame-skip test
+THUMB = 32  # side of the thumbnail used for the frame-skip test
 
 
 @dataclass
@@ -43,7 +43,9 @@ class StreamConfig:
     tau: float | None = None  # static threshold; HoliTom's default for `retain` when None
     lookahead: int | None = 8  # frames that must follow a segment before it closes; None = whole stream
     max_segment: int = 64  # longest segment, in frames
-    skip_threshold: float = 2.0  # mean |Δ| of the grey thumbnail (0–255) below which a frame is skipped
+    # a frame is skipped when no cell of its 32×32 colour thumbnail moved by this many levels (0–255): cell
+    # averages flatten sensor noise, while any visible motion moves some cell by far more
+    skip_threshold: float = 6.0
     max_context_tokens: int | None = None  # KV-cache budget in tokens (prompt prefix included)
     protect_fraction: float = 0.1  # grid positions protected from merging once questions have been asked
     importance_window: int = 3
@@ -172,9 +174,9 @@ class StreamEngine:
         started = time.perf_counter()
         self._counts["frames_in"] += 1
         self._stream_time = timestamp
-        thumb = _grey_thumbnail(image)
+        thumb = _thumbnail(image)
         skip = (self._last_thumb is not None and self._pending.features and self.config.skip_threshold > 0
-                and float(np.abs(thumb - self._last_thumb).mean()) < self.config.skip_threshold)
+                and float(np.abs(thumb - self._last_thumb).max()) < self.config.skip_threshold)
         if skip:  # counts as a repeat of the last encoded frame: fully static
             features, attention = self._pending.features[-1], self._pending.attention[-1]
             self._counts["frames_skipped"] += 1
@@ -378,10 +380,11 @@ class StreamEngine:
                 "stream_time_s": round(float(self._stream_time), 3), "answer": self.last_answer}
 
 
-def _grey_thumbnail(image: np.ndarray) -> np.ndarray:
-    """[THUMB, THUMB] float32 grey levels: a cheap, resolution-independent view for the skip test."""
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+    """[3, THUMB, THUMB] float32 colour cell averages: a cheap, resolution-independent view for the skip
+    test (per channel, since a change of colour at equal brightness is still a change)."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    return F.adaptive_avg_pool2d(tensor.mean(1, keepdim=True), THUMB)[0, 0].numpy()
+    return F.adaptive_avg_pool2d(tensor, THUMB)[0].numpy()
 
 
 def _small(image: np.ndarray, side: int = 320) -> np.ndarray:

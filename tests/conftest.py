@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from streamprune.sources import sample_video_path
+from tests.video_server import VideoServer
 
 # Synthetic frames carry their own index: the top half's gray level is index // 32, the bottom
 # half's index % 32, in steps of 6 levels, which survives lossy coding with a wide margin.
@@ -141,4 +142,27 @@ def bad_video_files(video_dir: Path, sample_video: Path) -> dict[str, Path]:
         "text_as_mp4": bad / "text.mp4",
         "truncated": bad / "truncated.mp4",
         "audio_only": bad / "audio_only.m4a",
+    }
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., str]]:
+    """`serve(video, cut_at=None, fault=None)` -> URL of the video on a local HTTP server."""
+    servers: list[VideoServer] = []
+
+    def start(video: SyntheticVideo, cut_at: int | None = None, fault: str | None = None) -> str:
+        servers.append(server := VideoServer(video.path.read_bytes(), cut_at, fault))
+        return f"http://127.0.0.1:{server.server_port}/{video.path.name}"
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def stream_videos(make_video: Callable[..., SyntheticVideo]) -> dict[str, SyntheticVideo]:
+    """60 s at 10 fps (600 frames) in the two containers that stream over HTTP."""
+    return {
+        "mp4": make_video("stream_600.mp4", 600, fps=10, gop=10, faststart=True),
+        "ts": make_video("stream_600.ts", 600, fps=10, gop=10),
     }

@@ -124,13 +124,15 @@ def test_memory_is_bounded_and_evictions_recorded(adapter):
 
 
 def test_frame_skip_threshold(adapter):
-    engine = StreamEngine(adapter, StreamConfig(retain=0.25, skip_threshold=2.0))
-    frames = moving_box(10)
+    engine = StreamEngine(adapter, StreamConfig(retain=0.25))
+    frames = moving_box(10, size=320)  # a 12-pixel box on a 320-pixel frame: small, but it moves
     for i, image in enumerate(frames):
         engine.push(image, i)
-    assert engine.stats()["frames_encoded"] == 10  # the box moves every frame
-    engine.push(frames[-1], 10.0)
-    assert engine.stats()["frames_skipped"] == 1
+    assert engine.stats()["frames_encoded"] == 10
+    noisy = np.clip(frames[-1].astype(int) + np.random.default_rng(1).integers(-3, 4, frames[-1].shape), 0, 255)
+    engine.push(noisy.astype(np.uint8), 10.0)  # sensor-like noise on a still frame
+    engine.push(frames[-1], 11.0)
+    assert engine.stats()["frames_skipped"] == 2
 
 
 @pytest.mark.parametrize("config", [StreamConfig(retain=0.0), StreamConfig(lookahead=0), StreamConfig(max_segment=0),

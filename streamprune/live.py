@@ -1,0 +1,179 @@
+"""`streamprune stream SOURCE`: feed a live source through the StreamEngine with live token counts.
+
+Views: a terminal dashboard (rich), a local web page (127.0.0.1, server-sent events), or none; with
+`--json-lines`, one JSON object per closed segment (and per answer) on stdout for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import TextIO
+
+from streamprune.engine import StreamConfig, StreamEngine
+from streamprune.errors import ConfigError, StreamPruneError
+from streamprune.models import load_video_llm
+from streamprune.sources.stream import open_source
+
+
+@dataclass
+class LiveOptions:
+    source: str
+    model: str = "tiny"
+    retain: float = 0.1
+    ask: str | None = None
+    every: float | None = None  # stream seconds between questions; None: ask once at the end
+    max_context_tokens: int | None = None
+    lookahead: int = 8
+    ui: str = "terminal"  # terminal | web | none
+    json_lines: bool = False
+    max_frames: int | None = None
+    realtime: bool = False  # pace files at their frame rate
+    port: int = 0  # web UI port (0: any free port)
+    max_new_tokens: int = 32
+
+    def validate(self) -> None:
+        if self.ui not in ("terminal", "web", "none"):
+            raise ConfigError(f"unknown --ui {self.ui!r}; choose terminal, web or none")
+        if self.every is not None and self.every <= 0:
+            raise ConfigError(f"--every must be a positive number of seconds, got {self.every}")
+        if self.every is not None and not self.ask:
+            raise ConfigError("--every needs --ask TEXT")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ConfigError(f"--max-frames must be at least 1, got {self.max_frames}")
+
+
+class TerminalDashboard:
+    """A rich Live table of the engine's counters, redrawn a few times per second."""
+
+    ROWS = [("source", "{}"), ("frames_in", "{:,}"), ("frames_skipped", "{:,}"), ("frames_encoded", "{:,}"),
+            ("tokens_encoded", "{:,}"), ("tokens_kept", "{:,}"), ("segments", "{:,}"), ("kv_tokens", "{:,}"),
+            ("kv_bytes", "bytes"), ("evicted_segments", "{:,}"), ("fps", "{:.1f}"), ("ms_per_frame", "{:.1f}"),
+            ("stream_time_s", "{:.1f}"), ("answer", "{}")]
+
+    def __init__(self, console) -> None:
+        from rich.live import Live
+
+        self.live = Live(self._table({}), console=console, refresh_per_second=4, transient=False)
+
+    def _table(self, stats: dict):
+        from rich.table import Table
+
+        table = Table(title="streamprune · live", show_header=False, min_width=60)
+        for key, fmt in self.ROWS:
+            value = stats.get(key, "–")
+            if value != "–":
+                value = f"{value / 2**20:.2f} MiB" if fmt == "bytes" else fmt.format(value)
+            table.add_row(key.replace("_", " "), str(value))
+        return table
+
+    def start(self) -> None:
+        self.live.start()
+
+    def update(self, stats: dict, frame=None, kept=None) -> None:
+        self.live.update(self._table(stats))
+
+    def stop(self) -> None:
+        self.live.stop()
+
+
+class _NoView:
+    def start(self) -> None: ...
+    def update(self, stats: dict, frame=None, kept=None) -> None: ...
+    def stop(self) -> None: ...
+
+
+def _make_view(opts: LiveOptions, err: TextIO):
+    if opts.ui == "terminal":
+        from rich.console import Console
+
+        return TerminalDashboard(Console(file=err))
+    if opts.ui == "web":
+        from streamprune.ui.web import WebDashboard
+
+        return WebDashboard(port=opts.port, title=f"streamprune · {opts.source}")
+    return _NoView()
+
+
+def run_stream(opts: LiveOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> dict:
+    """Stream until the source ends (or --max-frames); returns the final stats. A source that fails
+    after its reconnect attempts raises StreamPruneError after the stats so far were reported."""
+    opts.validate()
+    adapter = load_video_llm(opts.model).adapter
+    engine = StreamEngine(adapter, StreamConfig(retain=opts.retain, lookahead=opts.lookahead,
+                                                max_context_tokens=opts.max_context_tokens))
+    events: list[str] = []
+    source = open_source(opts.source, **_source_kwargs(opts, events, err))
+    view = _make_view(opts, err)
+
+    def emit(record: dict) -> None:
+        if opts.json_lines:
+            print(json.dumps(record), file=out, flush=True)
+
+    def answer(stream_time: float) -> None:
+        text = engine.ask(opts.ask, max_new_tokens=opts.max_new_tokens)
+        emit({"event": "answer", "stream_time_s": round(stream_time, 3), "question": opts.ask, "answer": text})
+
+    last_question = None
+    url = view.start()
+    if url:
+        print(f"web view: {url}", file=err, flush=True)
+    try:
+        for frame in source:
+            for record in engine.push(frame.image, frame.timestamp):
+                emit({"event": "segment", **record.to_dict(), **_counters(engine)})
+            if opts.ask and opts.every and (last_question is None or frame.timestamp - last_question >= opts.every):
+                answer(frame.timestamp)
+                last_question = frame.timestamp
+            view.update({"source": opts.source, **engine.stats()}, *(engine.last_view or (None, None)))
+            if opts.max_frames and frame.index + 1 >= opts.max_frames:
+                break
+        for record in engine.flush():
+            emit({"event": "segment", **record.to_dict(), **_counters(engine)})
+        if opts.ask and not opts.every:
+            answer(engine.stats()["stream_time_s"])
+    except StreamPruneError:
+        emit({"event": "error", "stats": engine.stats(), "source_events": events})
+        _final_report(engine, opts, out, events, failed=True)
+        raise
+    finally:
+        view.stop()
+        source.close()
+    return _final_report(engine, opts, out, events)
+
+
+def _source_kwargs(opts: LiveOptions, events: list[str], err: TextIO) -> dict:
+    """Per-kind options for `open_source`: reconnect events are shown and recorded, files may be paced."""
+    def on_event(message: str) -> None:
+        events.append(message)
+        print(f"note: {message}", file=err, flush=True)
+
+    kind = opts.source.split("://", 1)[0] if "://" in opts.source else ""
+    if kind:
+        return {"on_event": on_event}
+    if opts.source.startswith(("synthetic", "webcam", "/dev/video")):
+        return {}
+    return {"realtime": opts.realtime}
+
+
+def _counters(engine: StreamEngine) -> dict:
+    stats = engine.stats()
+    return {k: stats[k] for k in ("frames_in", "frames_skipped", "frames_encoded", "kv_tokens", "fps")}
+
+
+def _final_report(engine: StreamEngine, opts: LiveOptions, out: TextIO, events: list[str], failed: bool = False) -> dict:
+    stats = {**engine.stats(), "evicted": engine.evicted, "source_events": events}
+    if opts.json_lines:
+        print(json.dumps({"event": "final" if not failed else "stats_before_error", **stats}), file=out, flush=True)
+    elif opts.ui != "terminal" or failed:  # the terminal view already shows the final counters
+        print(_summary_line(stats), file=out, flush=True)
+    return stats
+
+
+def _summary_line(stats: dict) -> str:
+    return (f"frames {stats['frames_in']:,} (skipped {stats['frames_skipped']:,}, encoded {stats['frames_encoded']:,}) · "
+            f"tokens encoded {stats['tokens_encoded']:,} → kept {stats['tokens_kept']:,} · "
+            f"KV {stats['kv_tokens']:,} tokens, {stats['kv_bytes'] / 2**20:.2f} MiB · segments {stats['segments']:,}, "
+            f"evicted {stats['evicted_segments']:,} · {stats['fps']:.1f} frames/s"
+            + (f" · answer: {stats['answer']!r}" if stats["answer"] else ""))
