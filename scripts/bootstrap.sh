@@ -17,7 +17,16 @@ find_python() {
 }
 
 py=$(find_python) || { echo "error: Python 3.12 not found (looked for python3.12 on PATH and in pyenv); install it first" >&2; exit 2; }
-key=$( (cat setup.cfg; "$py" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
+# key: the dependency lists and the interpreter, not the rest of setup.cfg (metadata edits keep the venv)
+requirements() {
+  "$py" - <<'PY'
+import configparser
+cfg = configparser.ConfigParser(); cfg.read("setup.cfg")
+reqs = cfg["options"]["install_requires"].split() + cfg["options.extras_require"]["test"].split()
+print("\n".join(r for r in reqs if r))
+PY
+}
+key=$( (requirements; "$py" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
 cache="${STREAMPRUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/streamprune}"
 venv="$cache/venv-$key"
 
@@ -28,12 +37,7 @@ if [ ! -f "$venv/.complete" ]; then
   "$py" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
   # install_requires from setup.cfg plus the test extras, without installing the project itself yet
-  "$venv/bin/python" - <<'PY' > "$venv/requirements.txt"
-import configparser
-cfg = configparser.ConfigParser(); cfg.read("setup.cfg")
-reqs = cfg["options"]["install_requires"].split() + cfg["options.extras_require"]["test"].split()
-print("\n".join(r for r in reqs if r))
-PY
+  requirements > "$venv/requirements.txt"
   "$venv/bin/python" -m pip install --progress-bar off -r "$venv/requirements.txt"
   touch "$venv/.complete"
 fi

@@ -38,8 +38,9 @@ def _add_video_and_reduction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inner-ratio", type=_ratio, default=0.5, help="fraction of visual tokens removed at K [0.5]")
     p.add_argument("--inner-merge", default="mean", choices=["mean", "pairwise"],
                    help="merged value: size-weighted mean, or HoliTom's running pairwise average [mean]")
-    p.add_argument("--proportional-attention", action="store_true",
-                   help="add log(size) to the attention logits of merged tokens (ToMe)")
+    p.add_argument("--no-proportional-attention", dest="proportional_attention", action="store_false",
+                   help="do not add log(size) to the attention logits of merged tokens (ToMe's proportional "
+                        "attention, on by default)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
 
 
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--port", type=int, default=0, help="web view port on 127.0.0.1 [any free]")
     st.add_argument("--json-lines", action="store_true", help="one JSON object per segment and answer on stdout")
     st.add_argument("--max-frames", type=int, help="stop after this many frames")
-    st.add_argument("--realtime", action="store_true", help="pace a file at its frame rate")
+    st.add_argument("--realtime", action="store_true", help="pace a file or test pattern at its frame rate")
     return parser
 
 
@@ -112,8 +113,10 @@ def print_report(report: SummaryReport, console) -> None:
     shown = "".join(c if (c.isprintable() and c != "\ufffd") or c == "\n" else "·" for c in report.summary)
     console.print(Panel(shown or "(empty)", title="summary", expand=False), markup=False)
     tok, fl, tm = report.tokens, report.flops, report.timing_s
-    table = Table(title=f"{report.method} · retain {report.retain:g}" + (f" · τ {report.tau:g}" if report.tau else ""),
-                  show_header=True, header_style="bold")
+    title = f"{report.method} · retain {report.retain:g}" + (f" · τ {report.tau:g}" if report.tau else "")
+    if report.inner.get("proportional"):
+        title += " · proportional attention"
+    table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_column("", justify="left", style="dim")

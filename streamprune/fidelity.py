@@ -32,6 +32,7 @@ class Fidelity:
     steps: int
     llm_input_tokens: int
     llm_input_tokens_unreduced: int
+    inner_installed: bool  # whether the inner stage (merging and/or proportional attention) ran
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,21 +76,20 @@ def compare(adapter: LlavaOnevisionAdapter, prompt: PromptInputs, encoded: Encod
         steps=steps,
         llm_input_tokens=int(reduced.visual_mask.sum()),
         llm_input_tokens_unreduced=int(full.visual_mask.sum()),
+        inner_installed=adapter.needs_stage(reduced, inner),
     )
 
 
 def run_fidelity(opts, steps: int = 32, progress=None) -> dict:
     """`streamprune fidelity`: one video, one reduction config (a `SummarizeOptions`), against unreduced."""
-    from streamprune.summarize import encode_video, reduction_options
+    from streamprune.summarize import encode_video, inner_summary, reduction_options
 
     run = encode_video(opts, progress)
     options = reduction_options(opts)
-    result = compare(run.loaded.adapter, run.prompt, run.encoded, opts.method, opts.retain,
-                     opts.inner if opts.inner.active else None, steps=steps, **options)
+    result = compare(run.loaded.adapter, run.prompt, run.encoded, opts.method, opts.retain, opts.inner,
+                     steps=steps, **options)
     return {"video": str(run.clip.path), "model": run.loaded.name, "random_weights": run.loaded.random_weights,
             "method": opts.method, "retain": opts.retain, "tau": options.get("tau"),
-            "inner": {"mode": opts.inner.mode, "layer": run.inner_layer, "ratio": opts.inner.ratio,
-                      "merge": opts.inner.merge, "proportional": opts.inner.proportional} if opts.inner.active
-            else {"mode": "none"},
+            "inner": inner_summary(opts.inner, run.inner_layer, result.inner_installed),
             "metrics": "proxy: agreement with the unreduced model, not task accuracy",
             **result.to_dict()}

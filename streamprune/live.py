@@ -149,12 +149,11 @@ def _source_kwargs(opts: LiveOptions, events: list[str], err: TextIO) -> dict:
         events.append(message)
         print(f"note: {message}", file=err, flush=True)
 
-    kind = opts.source.split("://", 1)[0] if "://" in opts.source else ""
-    if kind:
+    if "://" in opts.source:
         return {"on_event": on_event}
-    if opts.source.startswith(("synthetic", "webcam", "/dev/video")):
+    if opts.source.startswith(("webcam", "/dev/video")):
         return {}
-    return {"realtime": opts.realtime}
+    return {"realtime": opts.realtime}  # files and test patterns
 
 
 def _counters(engine: StreamEngine) -> dict:

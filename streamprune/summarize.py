@@ -166,6 +166,14 @@ def reduction_options(opts: SummarizeOptions) -> dict:
     return {}
 
 
+def inner_summary(inner: InnerConfig, layer: int, installed: bool) -> dict:
+    """What the inner stage did, for reports: merging at K and/or proportional attention."""
+    merging = installed and inner.merging
+    return {"mode": inner.mode if merging else "none", "layer": layer if merging else None,
+            "ratio": inner.ratio if merging else 0.0, "merge": inner.merge if merging else None,
+            "proportional": installed and inner.proportional}
+
+
 def _stage(progress: ProgressFn | None, stage: str):
     return (lambda done, total: progress(stage, done, total)) if progress else None
 
@@ -197,8 +205,7 @@ def summarize(opts: SummarizeOptions, progress: ProgressFn | None = None) -> Sum
     seq_len = inputs.inputs_embeds.shape[1]
     after_inner = stage.tokens_after if stage else seq_len
     per_layer = [seq_len] * inner_layer + [after_inner] * (adapter.config.text_config.num_hidden_layers - inner_layer)
-    inner = ({"mode": opts.inner.mode, "layer": inner_layer, "ratio": opts.inner.ratio, "merge": opts.inner.merge,
-              "proportional": opts.inner.proportional} if stage else {"mode": "none"})
+    inner = inner_summary(opts.inner, inner_layer, installed=stage is not None)
     report = _report(opts, loaded, clip, tokens, prompt.input_ids.shape[1], per_layer, tau, inner, timing,
                      probe.kv_cache_bytes, adapter.decode(new_ids), new_ids.shape[1])
     if opts.save_viz:

@@ -31,25 +31,29 @@ def test_no_reduction_is_perfect_fidelity(encoded_sample):
 
 def test_reduction_moves_the_output(encoded_sample):
     outer = compare(*encoded_sample, method="holitom", retain=0.1, steps=8)
+    proportional = compare(*encoded_sample, method="holitom", retain=0.1, steps=8, inner=InnerConfig())
     inner = compare(*encoded_sample, method="holitom", retain=0.1, steps=8,
-                    inner=InnerConfig(mode="fastv", ratio=0.9, layer=1))
-    assert outer.kl_first_token > 0 and outer.hidden_cosine < 1
+                    inner=InnerConfig(mode="fastv", ratio=0.9, layer=1, proportional=False))
+    assert outer.kl_first_token > 0 and outer.hidden_cosine < 1 and not outer.inner_installed
     assert outer.llm_input_tokens == round(0.1 * 8 * 196) + 1
-    assert inner.kl_first_token != outer.kl_first_token  # the inner stage acted on the teacher-forced pass
+    # the stage acted on the teacher-forced pass
+    assert proportional.inner_installed and proportional.kl_first_token != outer.kl_first_token
+    assert inner.inner_installed and inner.kl_first_token != outer.kl_first_token
 
 
 def test_cli_summarize_with_inner_stage(sample_video):
     base = json.loads(run_cli("summarize", str(sample_video), "--frames", "8", "--retain", "0.25",
-                              "--max-new-tokens", "3", "--json").stdout)
+                              "--max-new-tokens", "3", "--json", "--no-proportional-attention").stdout)
     res = run_cli("summarize", str(sample_video), "--frames", "8", "--retain", "0.25", "--max-new-tokens", "3",
                   "--inner", "similarity", "--inner-ratio", "0.5", "--json")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     visual = report["tokens"]["llm_input"]
     assert report["tokens"]["after_inner"] == report["tokens"]["prompt"] - round(0.5 * visual)
-    assert report["inner"] == {"mode": "similarity", "layer": 4, "ratio": 0.5, "merge": "mean", "proportional": False}
+    assert report["inner"] == {"mode": "similarity", "layer": 4, "ratio": 0.5, "merge": "mean", "proportional": True}
     assert report["flops"]["prefill"] < base["flops"]["prefill"]
-    assert base["tokens"]["after_inner"] == base["tokens"]["prompt"] and base["inner"] == {"mode": "none"}
+    assert base["tokens"]["after_inner"] == base["tokens"]["prompt"]
+    assert base["inner"] == {"mode": "none", "layer": None, "ratio": 0.0, "merge": None, "proportional": False}
     # layers ≥ K cache only the survivors
     assert report["kv_cache_bytes"] < base["kv_cache_bytes"]
 

@@ -73,6 +73,7 @@ def test_bipartite_plan_removes_exactly_n_and_points_at_survivors():
 
 def test_validation():
     assert validate(InnerConfig(mode="holitom"), 28) == 18 and default_layer(24) == 15
+    assert InnerConfig().proportional and not InnerConfig().merging and InnerConfig(mode="fastv").merging
     for bad in (InnerConfig(mode="holitom", layer=0), InnerConfig(mode="holitom", layer=28),
                 InnerConfig(mode="holitom", ratio=1.0), InnerConfig(mode="holitom", ratio=-0.1),
                 InnerConfig(mode="nope"), InnerConfig(mode="holitom", merge="max")):
@@ -146,11 +147,23 @@ def test_ratio_zero_is_identical_to_the_unmodified_model(decoder_model, batch):
     model, decoder = decoder_model
     embeds, mask, visual, sizes = batch_inputs(model, batch)
     ref_tokens, ref_logits = cached_greedy(model, embeds, mask)
-    stage = InnerStage(decoder, InnerConfig(mode="holitom", ratio=0.0, layer=3))
+    stage = InnerStage(decoder, InnerConfig(mode="holitom", ratio=0.0, layer=3, proportional=False))
     stage.prepare(visual, sizes)
     with stage.installed():
         tokens, logits = cached_greedy(model, embeds, mask)
     assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
+
+
+def test_proportional_attention_with_unit_sizes_changes_nothing(decoder_model):
+    """log(1) = 0: with no merged token the bias is zero (up to the masked kernel's rounding)."""
+    model, decoder = decoder_model
+    embeds, mask, visual, _ = batch_inputs(model, 2)
+    _, ref_logits = cached_greedy(model, embeds, mask)
+    stage = InnerStage(decoder, InnerConfig(mode="none", proportional=True))
+    stage.prepare(visual, torch.ones(visual.shape))
+    with stage.installed():
+        _, logits = cached_greedy(model, embeds, mask)
+    assert torch.allclose(logits, ref_logits, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["holitom", "similarity", "fastv"])
@@ -159,7 +172,7 @@ def test_cached_decode_equals_nocache_recomputation(decoder_model, mode, batch):
     model, decoder = decoder_model
     embeds, mask, visual, sizes = batch_inputs(model, batch, seed=1)
     ref_tokens, _ = cached_greedy(model, embeds, mask)
-    stage = InnerStage(decoder, InnerConfig(mode=mode, ratio=0.5, layer=3))
+    stage = InnerStage(decoder, InnerConfig(mode=mode, ratio=0.5, layer=3, proportional=False))
     stage.prepare(visual, sizes)
     with stage.installed():
         tokens, logits = cached_greedy(model, embeds, mask)
@@ -186,7 +199,7 @@ def test_proportional_attention_cached_equals_nocache(decoder_model):
 def test_cache_lengths_per_layer(decoder_model):
     model, decoder = decoder_model
     embeds, mask, visual, sizes = batch_inputs(model, 1)
-    stage = InnerStage(decoder, InnerConfig(mode="fastv", ratio=0.5, layer=2))
+    stage = InnerStage(decoder, InnerConfig(mode="fastv", ratio=0.5, layer=2, proportional=False))
     stage.prepare(visual, sizes)
     with stage.installed(), torch.no_grad():
         out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)

@@ -4,6 +4,11 @@ dies mid-stream, and bad sources."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
 
 from tests.test_summarize import run_cli
 
@@ -66,3 +71,26 @@ def test_stream_bad_flags():
                           (["--max-context-tokens", "8"], "--max-context-tokens")]:
         res = run_cli("stream", "synthetic", "--max-frames", "3", "--ui", "none", *args)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+
+
+def test_stream_web_view_counters_update():
+    """The CLI's web view on 127.0.0.1 serves the engine's live counters while the stream runs."""
+    proc = subprocess.Popen([sys.executable, "-m", "streamprune", "stream", "synthetic:moving-box", "--ui", "web",
+                             "--realtime", "--max-frames", "150"], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("web view: http://127.0.0.1:"), line
+        url = line.split(": ", 1)[1].strip()
+        seen = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(set(seen)) < 3:
+            time.sleep(0.5)
+            with urllib.request.urlopen(url + "stats.json", timeout=5) as response:
+                seen.append(json.load(response).get("frames_in", 0))
+        assert len(set(seen)) >= 3 and seen == sorted(seen)  # counters move forward while streaming
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert b"streamprune" in response.read()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

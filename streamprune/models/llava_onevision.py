@@ -181,10 +181,18 @@ class LlavaOnevisionAdapter:
         return self.model.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                                    max_new_tokens=max_new_tokens, do_sample=False, logits_processor=logits_processor)
 
+    @staticmethod
+    def needs_stage(inputs: LLMInputs, inner: InnerConfig | None) -> bool:
+        """False when there is nothing to do: no merging at K, and no merged token for proportional
+        attention to weigh (so unreduced inputs run the unmodified model)."""
+        if inner is None or not inner.active:
+            return False
+        return inner.merging or bool((inputs.sizes != 1).any())
+
     @contextmanager
     def inner_stage(self, inputs: LLMInputs, inner: InnerConfig | None):
         """The inner-LLM stage for `inputs`, installed for the duration (None when inactive)."""
-        if inner is None or not inner.active:
+        if not self.needs_stage(inputs, inner):
             yield None
             return
         stage = InnerStage(self.language_model, inner)

@@ -104,9 +104,12 @@ def bipartite_plan(hidden: torch.Tensor, visual_mask: torch.Tensor, n_remove: in
 def make_plan(mode: str, hidden: torch.Tensor, visual_mask: torch.Tensor, ratio: float,
               scores: torch.Tensor | None = None) -> MergePlan:
     """Decide which tokens survive layer K. hidden: [B, L, C] (the input of layer K)."""
-    if mode not in MODES:
+    if mode not in (*MODES, "none"):
         raise ConfigError(f"unknown inner mode {mode!r}; choose one of: {', '.join(MODES)}, none")
-    n_remove = removal_count(visual_mask, ratio)
+    n_remove = removal_count(visual_mask, ratio) if mode != "none" else 0
+    if n_remove == 0:  # keep everything
+        b, length = visual_mask.shape
+        return MergePlan(torch.arange(length).expand(b, -1), torch.full((b, length), -1, dtype=torch.long))
     if mode == "similarity":
         target = bipartite_plan(hidden, visual_mask, n_remove)
         removed = target >= 0

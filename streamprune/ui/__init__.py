@@ -1,0 +1,5 @@
+"""Live user interfaces for the streaming engine."""
+
+from streamprune.ui.web import WebDashboard
+
+__all__ = ["WebDashboard"]
