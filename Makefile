@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both bootstrap the environment.
-.PHONY: demo test bench bench-fidelity setup lint
+.PHONY: demo test bench bench-fidelity bench-stream setup lint
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -18,6 +18,9 @@ lint: setup
 
 bench: setup
 	.venv/bin/python benchmarks/bench_summarize.py
+
+bench-stream: setup
+	.venv/bin/python benchmarks/bench_stream.py
 
 bench-fidelity: setup
 	.venv/bin/python benchmarks/bench_fidelity.py
