@@ -1,15 +1,18 @@
-"""Command line: `streamprune summarize | fidelity | stream`."""
+"""Command line: `streamprune summarize | fidelity | stream | policy eval`."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import warnings
 
 from streamprune.errors import ConfigError, StreamPruneError
 from streamprune.fidelity import run_fidelity
 from streamprune.live import LiveOptions, run_stream
 from streamprune.models.inner_stage import InnerConfig
+from streamprune.policy_eval import PolicyEvalOptions, run_policy_eval
 from streamprune.reduce import METHODS
 from streamprune.summarize import DEFAULT_PROMPT, SummarizeOptions, SummaryReport, summarize
 
@@ -75,6 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json-lines", action="store_true", help="one JSON object per segment and answer on stdout")
     st.add_argument("--max-frames", type=int, help="stop after this many frames")
     st.add_argument("--realtime", action="store_true", help="pace a file or test pattern at its frame rate")
+    pol = sub.add_parser("policy", help="pruned vision-language-action policies in simulation")
+    pol_sub = pol.add_subparsers(dest="policy_command", required=True)
+    ev = pol_sub.add_parser("eval", help="run a pruned VLA policy in a simulated environment",
+                            description="Run a pruned lerobot policy (VLA-Pruner) in PushT or ALOHA: success rate, "
+                                        "reward, per-chunk latency, tokens kept, and a video with kept tokens.")
+    ev.add_argument("--policy", required=True, choices=["smolvla", "pi0", "pi05"])
+    ev.add_argument("--policy-path", default="tiny", help="hub ID, local folder, or 'tiny' (random weights) [tiny]")
+    ev.add_argument("--env", required=True, choices=["pusht", "aloha-insertion", "aloha-transfer"])
+    ev.add_argument("--episodes", type=int, default=1)
+    ev.add_argument("--retain", type=_ratio, default=0.25, help="fraction of visual tokens kept [0.25]")
+    ev.add_argument("--cut", default="before", choices=["before", "inside"],
+                    help="prune before the VLM (prefix) or inside it at layer K [before]")
+    ev.add_argument("--selection", default="vla_pruner", choices=["vla_pruner", "semantic", "random"],
+                    help="token selection: VLA-Pruner's dual-level, or the semantic/random baselines")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-steps", type=int, help="cap each episode at this many control steps")
+    ev.add_argument("--n-action-steps", type=int, help="actions executed per predicted chunk")
+    ev.add_argument("--video", metavar="PATH", help="write the first episode as an mp4 with kept tokens overlaid")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -163,7 +185,29 @@ def print_fidelity(result: dict, console) -> None:
     console.print(f"[dim]{result['metrics']}[/]")
 
 
+def print_policy_eval(result: dict, console) -> None:
+    from rich.table import Table
+
+    if result["random_weights"]:
+        console.print("[yellow]note:[/] random weights: success and reward are meaningless; latency and tokens are real")
+    table = Table(title=f"{result['policy']} on {result['env']} · retain {result['retain']:g} · cut {result['cut']}",
+                  show_header=False)
+    table.add_row("episodes", str(result["n_episodes"]))
+    table.add_row("success rate", f"{result['success_rate']:.1%}")
+    table.add_row("avg sum reward", f"{result['avg_sum_reward']:.3f}")
+    for key in ("chunk_latency_p50_s", "chunk_latency_p95_s"):
+        if result.get(key) is not None:
+            table.add_row(key.replace("_s", "").replace("_", " "), f"{result[key] * 1000:.0f} ms")
+    if result.get("mean_tokens_kept") is not None:
+        table.add_row("visual tokens per chunk", f"{result['mean_tokens_kept']:.1f} of {result['mean_tokens_total']:.0f}")
+    if result.get("video_path"):
+        table.add_row("video", str(result["video_path"]))
+    console.print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # simulator packages import pkg_resources, which warns on every run; nothing a user can act on
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     args = build_parser().parse_args(argv)
     from rich.console import Console
 
@@ -183,6 +227,18 @@ def main(argv: list[str] | None = None) -> int:
                                    every=args.every, max_context_tokens=args.max_context_tokens,
                                    lookahead=args.lookahead, ui=ui, json_lines=args.json_lines,
                                    max_frames=args.max_frames, realtime=args.realtime, port=args.port))
+        elif args.command == "policy":
+            opts = PolicyEvalOptions(policy=args.policy, env=args.env, policy_path=args.policy_path,
+                                     episodes=args.episodes, retain=args.retain, cut=args.cut,
+                                     selection=args.selection, seed=args.seed, max_steps=args.max_steps,
+                                     n_action_steps=args.n_action_steps, video=args.video)
+            # lerobot and the simulators print to stdout; keep stdout for our report alone
+            with bars, contextlib.redirect_stdout(sys.stderr):
+                result = run_policy_eval(opts, progress=lambda done, total: update("steps", done, total))
+            if args.json:
+                print(json.dumps(result))
+            else:
+                print_policy_eval(result, Console())
         elif args.command == "fidelity":
             if args.steps < 1:
                 raise ConfigError(f"--steps must be at least 1, got {args.steps}")

@@ -1,0 +1,63 @@
+"""`streamprune policy eval`: a pruned VLA policy in simulation — success, reward, chunk latency, tokens kept."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from streamprune.errors import ConfigError
+
+POLICIES = ("smolvla", "pi0", "pi05")
+CUTS = ("before", "inside")
+SELECTIONS = ("vla_pruner", "semantic", "random")
+
+
+@dataclass
+class PolicyEvalOptions:
+    policy: str
+    env: str
+    policy_path: str = "tiny"
+    episodes: int = 1
+    retain: float = 0.25
+    cut: str = "before"
+    selection: str = "vla_pruner"
+    seed: int = 0
+    max_steps: int | None = None
+    n_action_steps: int | None = None
+    video: str | None = None
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown --policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
+        if self.policy == "pi05":
+            raise ConfigError("--policy pi05 is not available yet: pruning is built for smolvla and pi0")
+        if not 0.0 < self.retain <= 1.0:
+            raise ConfigError(f"--retain must be in (0, 1], got {self.retain}")
+        if self.cut not in CUTS:
+            raise ConfigError(f"unknown --cut {self.cut!r}; choose one of: {', '.join(CUTS)}")
+        if self.episodes < 1:
+            raise ConfigError(f"--episodes must be at least 1, got {self.episodes}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
+
+
+def run_policy_eval(opts: PolicyEvalOptions, progress=None) -> dict:
+    """Build the pruned policy for the env, run the episodes, return the result as a dict."""
+    opts.validate()
+    if opts.env.startswith("aloha"):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the first mujoco import
+    from envs.sim import last_kept_overlay, policy_features_for, run_episodes
+    from policies.loading import load_pruned_policy
+
+    features = policy_features_for(opts.env)
+    pruning = {"retain": opts.retain, "cut": opts.cut, "selection": opts.selection}
+    if opts.n_action_steps is not None:
+        pruning["n_action_steps"] = opts.n_action_steps
+    policy, pre, post = load_pruned_policy(opts.policy, opts.policy_path, features, **pruning)
+    result = run_episodes(opts.env, policy, pre, post, episodes=opts.episodes, seed=opts.seed,
+                          max_steps=opts.max_steps, video_path=opts.video, overlay=last_kept_overlay,
+                          progress=progress)
+    random_weights = opts.policy_path == "tiny"
+    return {"policy": opts.policy, "policy_path": opts.policy_path, "random_weights": random_weights,
+            "env": opts.env, "retain": opts.retain, "cut": opts.cut, "selection": opts.selection,
+            **result.to_dict()}

@@ -1,0 +1,81 @@
+"""`streamprune policy eval` end to end with the tiny pruned policies, and lerobot's own `lerobot-eval`
+running a saved pruned policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+
+from tests.test_summarize import run_cli
+
+
+def eval_json(*args: str) -> dict:
+    res = run_cli("policy", "eval", "--json", *args)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_smolvla_pusht_with_video(tmp_path):
+    video = tmp_path / "episode.mp4"
+    result = eval_json("--policy", "smolvla", "--env", "pusht", "--max-steps", "20", "--n-action-steps", "5",
+                       "--retain", "0.25", "--video", str(video))
+    assert result["n_episodes"] == 1 and result["steps"] == 20 and result["chunks"] == 4
+    assert result["random_weights"] and result["cut"] == "before"
+    # three warm-up chunks run unpruned (VLA-Pruner's W = 3), then 16 of 64 tokens
+    assert result["episodes"][0]["tokens_kept"] == [64, 64, 64, 16]
+    assert result["chunk_latency_p50_s"] > 0 and 0.0 <= result["success_rate"] <= 1.0
+    with av.open(str(video)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 20
+
+
+@pytest.mark.parametrize("policy,cut", [("smolvla", "inside")])
+def test_other_policies_and_cuts_on_pusht(policy, cut):
+    result = eval_json("--policy", policy, "--env", "pusht", "--max-steps", "20", "--n-action-steps", "5",
+                       "--cut", cut, "--retain", "0.5")
+    assert result["chunks"] == 4 and result["cut"] == cut
+    assert result["episodes"][0]["tokens_kept"][-1] == result["episodes"][0]["tokens_total"][-1] // 2
+
+
+def test_smolvla_aloha_insertion_runs():
+    result = eval_json("--policy", "smolvla", "--env", "aloha-insertion", "--max-steps", "4", "--n-action-steps", "2")
+    assert result["steps"] == 4 and result["chunks"] == 2 and result["env"] == "aloha-insertion"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--policy", "smolvla", "--env", "pusht", "--retain", "0"], "--retain must be in (0, 1]"),
+    (["--policy", "pi05", "--env", "pusht"], "pi05"),
+    (["--policy", "smolvla", "--env", "pusht", "--episodes", "0"], "--episodes"),
+    (["--policy", "smolvla", "--env", "pusht", "--policy-path", "someorg/no-such-policy"], "hf download"),
+])
+def test_bad_flags(args, message):
+    res = run_cli("policy", "eval", *args)
+    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_lerobot_eval_runs_the_saved_pruned_policy(tmp_path):
+    """lerobot's evaluator loads `smolvla_pruned` from a folder once `policies` is discovered."""
+    from envs.sim import policy_features_for
+    from policies.loading import load_pruned_policy
+
+    policy, pre, post = load_pruned_policy("smolvla", "tiny", policy_features_for("pusht"), retain=0.25,
+                                           n_action_steps=5)
+    folder = tmp_path / "smolvla_pruned_tiny"
+    for part in (policy, pre, post):
+        part.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["type"] == "smolvla_pruned"
+    lerobot_eval = shutil.which("lerobot-eval", path=str(Path(sys.executable).parent))
+    res = subprocess.run([lerobot_eval, f"--policy.path={folder}", "--env.type=pusht", "--eval.n_episodes=1",
+                          "--eval.batch_size=1", "--eval.use_async_envs=false", "--env.episode_length=10",
+                          "--policy.device=cpu", f"--output_dir={tmp_path / 'eval'}",
+                          "--env.discover_packages_path=policies"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads((tmp_path / "eval" / "eval_info.json").read_text())
+    assert info["overall"]["n_episodes"] == 1
