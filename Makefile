@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both bootstrap the environment.
-.PHONY: demo test bench bench-fidelity bench-stream setup lint
+.PHONY: demo test bench bench-fidelity bench-stream bench-vla setup lint
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -21,6 +21,9 @@ bench: setup
 
 bench-stream: setup
 	.venv/bin/python benchmarks/bench_stream.py
+
+bench-vla: setup
+	.venv/bin/python benchmarks/bench_vla.py
 
 bench-fidelity: setup
 	.venv/bin/python benchmarks/bench_fidelity.py

@@ -22,6 +22,7 @@ KINDS = {
     "smolvla": PolicyKind("policies.smolvla_pruned", "SmolVLAPrunedConfig", "SmolVLAPrunedPolicy",
                           "policies.tiny_smolvla:build_tiny_smolvla"),
     "pi0": PolicyKind("policies.pi0_pruned", "PI0PrunedConfig", "PI0PrunedPolicy", "policies.tiny_pi0:build_tiny_pi0"),
+    "pi05": PolicyKind("policies.pi05_pruned", "PI05PrunedConfig", "PI05PrunedPolicy", "policies.tiny_pi0:build_tiny_pi0"),
 }
 
 
@@ -36,8 +37,7 @@ def load_pruned_policy(kind: str, path: str, features: dict, **pruning: Any) -> 
     features: lerobot policy features of the env (inputs and `action`), used by tiny policies.
     """
     if kind not in KINDS:
-        raise ConfigError(f"unknown policy {kind!r}; choose one of: {', '.join(KINDS)}"
-                          + ("" if kind != "pi05" else " (pi05 pruning is not built yet)"))
+        raise ConfigError(f"unknown policy {kind!r}; choose one of: {', '.join(KINDS)}")
     spec = KINDS[kind]
     package = importlib.import_module(spec.package)
     config_cls, policy_cls = getattr(package, spec.config), getattr(package, spec.policy)

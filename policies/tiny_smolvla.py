@@ -111,17 +111,19 @@ def made_up_stats(input_features: dict[str, PolicyFeature],
 def build_tiny_smolvla(policy_cls: type = SmolVLAPolicy, config_cls: type = SmolVLAConfig,
                        input_features: dict[str, PolicyFeature] | None = None,
                        output_features: dict[str, PolicyFeature] | None = None, preset: str = "pusht",
-                       seed: int = 0, **config_overrides: Any) -> tuple[Any, Any, Any]:
+                       seed: int = 0, backbone: Path = TINY_SMOLVLM,
+                       **config_overrides: Any) -> tuple[Any, Any, Any]:
     """(policy, preprocessor, postprocessor) of a tiny offline SmolVLA (or subclass) in eval mode.
 
     Features default to `preset` ("pusht": observation.image (3,96,96), state/action (2,); "aloha":
     observation.images.top (3,480,640), state/action (14,)). Weights depend only on `seed` (the global RNG is
-    left untouched), so two builds with the same seed are identical.
+    left untouched), so two builds with the same seed are identical. `backbone` is the SmolVLM spec
+    (`configs/models/smolvlm-500m-dims.yaml` gives the real dimensions, for benchmarks).
     """
     preset_in, preset_out = FEATURE_PRESETS[preset]
     input_features = input_features or preset_in
     output_features = output_features or preset_out
-    config = config_cls(vlm_model_name=str(tiny_smolvlm_dir()), load_vlm_weights=False, device="cpu",
+    config = config_cls(vlm_model_name=str(tiny_smolvlm_dir(backbone)), load_vlm_weights=False, device="cpu",
                         input_features=input_features, output_features=output_features, **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -17,6 +17,13 @@ from streamprune.reduce import METHODS
 from streamprune.summarize import DEFAULT_PROMPT, SummarizeOptions, SummaryReport, summarize
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump), like every other user error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def _ratio(text: str) -> float:
     try:
         return float(text)
@@ -48,7 +55,7 @@ def _add_video_and_reduction_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamprune", description="Token reduction for video LLMs.")
+    parser = _Parser(prog="streamprune", description="Token reduction for video LLMs and robot policies.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("summarize", help="summarize a video with a compressed visual context",
                        description="Summarize a video: sample frames, reduce visual tokens (HoliTom), generate.")

@@ -29,8 +29,6 @@ class PolicyEvalOptions:
     def validate(self) -> None:
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown --policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
-        if self.policy == "pi05":
-            raise ConfigError("--policy pi05 is not available yet: pruning is built for smolvla and pi0")
         if not 0.0 < self.retain <= 1.0:
             raise ConfigError(f"--retain must be in (0, 1], got {self.retain}")
         if self.cut not in CUTS:

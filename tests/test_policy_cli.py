@@ -35,7 +35,7 @@ def test_smolvla_pusht_with_video(tmp_path):
         assert sum(1 for _ in container.decode(video=0)) == 20
 
 
-@pytest.mark.parametrize("policy,cut", [("smolvla", "inside")])
+@pytest.mark.parametrize("policy,cut", [("smolvla", "inside"), ("pi0", "before"), ("pi05", "inside")])
 def test_other_policies_and_cuts_on_pusht(policy, cut):
     result = eval_json("--policy", policy, "--env", "pusht", "--max-steps", "20", "--n-action-steps", "5",
                        "--cut", cut, "--retain", "0.5")
@@ -50,7 +50,7 @@ def test_smolvla_aloha_insertion_runs():
 
 @pytest.mark.parametrize("args,message", [
     (["--policy", "smolvla", "--env", "pusht", "--retain", "0"], "--retain must be in (0, 1]"),
-    (["--policy", "pi05", "--env", "pusht"], "pi05"),
+    (["--policy", "smolvla", "--env", "pusht", "--cut", "middle"], "invalid choice"),
     (["--policy", "smolvla", "--env", "pusht", "--episodes", "0"], "--episodes"),
     (["--policy", "smolvla", "--env", "pusht", "--policy-path", "someorg/no-such-policy"], "hf download"),
 ])

@@ -1,0 +1,207 @@
+"""pi0_pruned on a tiny random-weight pi0 built offline (real lerobot code, 256 image tokens per camera)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: nothing may download
+
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from lerobot.configs import FeatureType, PolicyFeature  # noqa: E402
+from lerobot.policies.pi05.configuration_pi05 import PI05Config  # noqa: E402
+from lerobot.policies.pi05.modeling_pi05 import PI05Policy  # noqa: E402
+
+from policies.pi0_pruned import PI0PrunedConfig, PI0PrunedPolicy  # noqa: E402
+from policies.pi0_pruned.pruning import gather_rows, impute  # noqa: E402
+from policies.pi05_pruned import PI05PrunedConfig, PI05PrunedPolicy  # noqa: E402
+from policies.tiny_pi0 import PUSHT_INPUTS, build_tiny_pi0  # noqa: E402
+from streamprune.errors import ConfigError  # noqa: E402
+
+WINDOW = 3
+TOKENS = 256
+TWO_CAMERAS = {
+    "observation.images.top": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 96, 96)),
+    "observation.images.wrist": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 64, 64)),
+    "observation.state": PUSHT_INPUTS["observation.state"],
+}
+
+
+def observation(step: int, cameras: dict[str, PolicyFeature] = PUSHT_INPUTS) -> dict:
+    gen = torch.Generator().manual_seed(step)
+    obs = {key: torch.rand(feature.shape, generator=gen) for key, feature in cameras.items()}
+    obs["task"] = "push the T block onto the target"
+    return obs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The tiny model's ops are far too small to share: extra threads only spin (100× slower on a busy box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The unmodified PI0Policy and its preprocessor (same seed → same weights as every pruned build)."""
+    policy, pre, _ = build_tiny_pi0()
+    return policy, pre
+
+
+@pytest.fixture(scope="module")
+def reference05():
+    policy, pre, _ = build_tiny_pi0(PI05Policy, PI05Config)
+    return policy, pre
+
+
+FAMILIES = {"pi0": ("reference", PI0PrunedPolicy, PI0PrunedConfig),
+            "pi05": ("reference05", PI05PrunedPolicy, PI05PrunedConfig)}
+
+
+def chunk(policy, pre, step: int, seed: int | None = None, cameras=PUSHT_INPUTS) -> torch.Tensor:
+    torch.manual_seed(step if seed is None else seed)  # the flow-matching noise
+    return policy.predict_action_chunk(pre(observation(step, cameras)))
+
+
+@contextmanager
+def prefix_lengths(policy) -> Iterator[list[int]]:
+    """Key lengths seen by each VLM layer in the prefix pass (appended per layer call)."""
+    seen: list[int] = []
+    layers = policy.model.paligemma_with_expert.paligemma.model.language_model.layers
+    hooks = [layer.self_attn.register_forward_hook(lambda m, a, out: seen.append(out[1].shape[-1])) for layer in layers]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cut", ["before", "inside"])
+def test_retain_one_is_the_unmodified_policy(request, family, cut):
+    fixture, policy_cls, config_cls = FAMILIES[family]
+    base, pre = request.getfixturevalue(fixture)
+    pruned, _, _ = build_tiny_pi0(policy_cls, config_cls, retain=1.0, cut=cut)
+    for step in range(WINDOW + 2):  # past the warm-up, where pruning would start
+        assert torch.equal(chunk(pruned, pre, step), chunk(base, pre, step))
+        assert pruned.tokens_kept == pruned.tokens_total == TOKENS
+
+
+def run_and_check(policy, pre, step: int, pruning: bool, k: int = 64) -> None:
+    """One chunk; the kept grid positions and the prefix length every VLM layer saw."""
+    with prefix_lengths(policy) as seen:
+        chunk(policy, pre, step)
+    kept = policy.last_kept["observation.image"]
+    assert policy.tokens_total == TOKENS
+    assert policy.tokens_kept == (k if pruning else TOKENS)
+    assert kept.shape == (1, k if pruning else TOKENS)
+    assert torch.equal(kept, kept.sort(-1).values) and len(kept.unique()) == kept.shape[1]
+    assert 0 <= int(kept.min()) and int(kept.max()) < TOKENS
+    text = policy.config.tokenizer_max_length
+    full, short = TOKENS + text, k + text
+    if not pruning:
+        assert set(seen) == {full}
+    elif policy.config.cut == "before":
+        assert set(seen) == {short}
+    else:  # layers < K see the full prefix, layers ≥ K the pruned one
+        K = policy.config.prune_layer
+        assert seen == [full] * K + [short] * (len(seen) - K)
+
+
+def test_first_window_chunks_unpruned_then_budget_and_reset(reference):
+    _, pre = reference
+    policy, _, _ = build_tiny_pi0(PI0PrunedPolicy, PI0PrunedConfig, retain=0.25)
+    assert policy.config.importance_window == WINDOW
+    for _episode in range(2):
+        for step in range(WINDOW + 2):
+            run_and_check(policy, pre, step, pruning=step >= WINDOW)
+        policy.reset()
+
+
+@pytest.mark.parametrize("family,cut,selection", [("pi0", "inside", "vla_pruner"), ("pi0", "before", "semantic"),
+                                                  ("pi0", "before", "random"), ("pi05", "before", "vla_pruner")])
+def test_cuts_and_baselines_keep_the_budget(request, family, cut, selection):
+    fixture, policy_cls, config_cls = FAMILIES[family]
+    _, pre = request.getfixturevalue(fixture)
+    policy, _, _ = build_tiny_pi0(policy_cls, config_cls, retain=0.25, cut=cut, selection=selection,
+                                  importance_window=1)
+    run_and_check(policy, pre, 0, pruning=False)
+    run_and_check(policy, pre, 1, pruning=True)
+
+
+def test_two_cameras_each_keep_their_budget():
+    policy, pre, _ = build_tiny_pi0(PI0PrunedPolicy, PI0PrunedConfig, input_features=TWO_CAMERAS, retain=0.5,
+                                    importance_window=1)
+    for step in range(2):
+        chunk(policy, pre, step, cameras=TWO_CAMERAS)
+    assert set(policy.last_kept) == {"observation.images.top", "observation.images.wrist"}
+    assert all(kept.shape == (1, 128) for kept in policy.last_kept.values())
+    assert (policy.tokens_kept, policy.tokens_total) == (256, 512)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inside_cut_matches_masking_the_full_cache(request, family):
+    """Physically dropping at layer K (shorter per-layer caches, re-indexed expert masks) equals the unmodified
+    model with the dropped image tokens masked out as keys in VLM and expert layers ≥ K."""
+    fixture, policy_cls, config_cls = FAMILIES[family]
+    base, pre = request.getfixturevalue(fixture)
+    policy, _, _ = build_tiny_pi0(policy_cls, config_cls, retain=0.25, cut="inside", importance_window=1)
+    for step in range(2):
+        pruned_actions = chunk(policy, pre, step)
+    kept = policy.last_kept["observation.image"][0]
+    text = policy.config.tokenizer_max_length
+    dropped = torch.ones(TOKENS + text, dtype=torch.bool)
+    dropped[kept] = False
+    dropped[TOKENS:] = False
+
+    def mask_dropped_keys(module, args, kwargs):
+        mask = kwargs["attention_mask"].clone()  # [B, 1, Q, keys]; prefix keys come first
+        mask[..., : TOKENS + text][..., dropped] = torch.finfo(mask.dtype).min
+        return args, {**kwargs, "attention_mask": mask}
+
+    model = base.model.paligemma_with_expert
+    K = policy.config.prune_layer
+    layers = [*model.paligemma.model.language_model.layers[K:], *model.gemma_expert.model.layers[K:]]
+    hooks = [layer.register_forward_pre_hook(mask_dropped_keys, with_kwargs=True) for layer in layers]
+    try:
+        masked_actions = chunk(base, pre, 1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert not torch.allclose(masked_actions, chunk(base, pre, 1), atol=1e-4)  # the masking matters
+    torch.testing.assert_close(pruned_actions, masked_actions, atol=1e-5, rtol=1e-4)
+
+
+def test_gather_rows_picks_per_batch_rows():
+    x = torch.arange(24.0).view(2, 3, 4)
+    index = torch.tensor([[2, 0], [1, 1]])
+    assert torch.equal(gather_rows(x, index), torch.stack([x[0, [2, 0]], x[1, [1, 1]]]))
+    assert torch.equal(gather_rows(x, index[:, :1].expand(2, 2) % 4, 2), torch.stack([x[0][:, [2, 2]], x[1][:, [1, 1]]]))
+
+
+def test_impute_keeps_dropped_scores_and_rescales_observed_ones():
+    previous = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    observed = torch.tensor([[True, False, True, False]])
+    scores = torch.tensor([[0.2, 0.0, 0.6, 0.0]])  # attention over fewer keys: larger per key
+    filled = impute(scores, observed, previous)
+    torch.testing.assert_close(filled, torch.tensor([[0.15, 0.3, 0.45, 0.1]]))
+    assert torch.equal(impute(scores, observed, None), scores)
+
+
+@pytest.mark.parametrize("overrides", [{"retain": 0.0}, {"retain": 1.5}, {"cut": "middle"},
+                                       {"selection": "fastv"}, {"importance_window": 0},
+                                       {"importance_decay": 1.2}, {"prune_layer": 0}])
+@pytest.mark.parametrize("config_cls", [PI0PrunedConfig, PI05PrunedConfig])
+def test_bad_config_is_a_config_error(config_cls, overrides):
+    with pytest.raises(ConfigError):
+        config_cls(**overrides)
+
+
+def test_inside_cut_needs_a_layer_inside_the_vlm():
+    with pytest.raises(ConfigError, match="prune_layer"):
+        build_tiny_pi0(PI0PrunedPolicy, PI0PrunedConfig, cut="inside", prune_layer=4)
