@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both bootstrap the environment.
-.PHONY: demo test bench bench-fidelity bench-stream bench-vla setup lint
+.PHONY: demo test bench bench-fidelity bench-stream bench-vla bench-vla-pi0 setup lint
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -24,6 +24,9 @@ bench-stream: setup
 
 bench-vla: setup
 	.venv/bin/python benchmarks/bench_vla.py
+
+bench-vla-pi0: setup
+	.venv/bin/python -m benchmarks.bench_vla_pi0
 
 bench-fidelity: setup
 	.venv/bin/python benchmarks/bench_fidelity.py
