@@ -82,7 +82,8 @@ def configurations(retains: list[float], k: int) -> dict:
 
     Random-weight SigLIP features barely change between frames, so HoliTom's temporal merge alone
     removes far more than the budget; the "exact budget" rows turn temporal merging off so the LLM gets
-    exactly retain·T·N tokens, as it would from a trained tower on a busy video.
+    exactly retain·T·N tokens, as it would from a trained tower on a busy video. Inner rows time merging
+    alone; what proportional attention adds is measured by benchmarks/bench_proportional.py.
     """
     configs = {"unreduced": ("none", 1.0, None, None)}
     for r in retains:
@@ -90,7 +91,8 @@ def configurations(retains: list[float], k: int) -> dict:
         configs[f"holitom@{r:g} exact budget"] = ("holitom", r, NO_TEMPORAL_MERGE, None)
         for mode in ("holitom", "similarity", "fastv"):
             configs[f"holitom@{r:g} exact + inner {mode}"] = ("holitom", r, NO_TEMPORAL_MERGE,
-                                                             InnerConfig(mode=mode, layer=k, ratio=0.5))
+                                                             InnerConfig(mode=mode, layer=k, ratio=0.5,
+                                                                         proportional=False))
     return configs
 
 

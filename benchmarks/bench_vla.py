@@ -59,10 +59,12 @@ def chunk(policy, pre, batch: dict, noise: torch.Tensor) -> tuple[torch.Tensor, 
     return actions, time.perf_counter() - t0
 
 
-def time_breakdown(policy, pre, batch: dict, noise: torch.Tensor) -> dict[str, float]:
-    """Seconds in the vision tower, the denoising steps, and the rest (VLM prefix pass) of one chunk."""
+def time_breakdown(policy, pre, batch: dict, noise: torch.Tensor, backbone: str = "vlm_with_expert") -> dict[str, float]:
+    """Seconds in the vision tower (`<backbone>.embed_image`), the denoising steps, and the rest (the VLM
+    prefix pass) of one chunk. backbone: the model attribute holding embed_image (pi0: paligemma_with_expert)."""
     spent = {"vision": 0.0, "denoise": 0.0}
     model = policy.model
+    owner = getattr(model, backbone)
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
@@ -72,13 +74,12 @@ def time_breakdown(policy, pre, batch: dict, noise: torch.Tensor) -> dict[str, f
             return out
         return wrapper
 
-    embed, denoise = model.vlm_with_expert.embed_image, model.denoise_step
-    model.vlm_with_expert.embed_image = timed("vision", embed)
-    model.denoise_step = timed("denoise", denoise)
+    owner.embed_image = timed("vision", owner.embed_image)
+    model.denoise_step = timed("denoise", model.denoise_step)
     try:
         _, total = chunk(policy, pre, batch, noise)
     finally:
-        del model.vlm_with_expert.embed_image, model.denoise_step
+        del owner.embed_image, model.denoise_step  # back to the class methods
     return {"chunk_s": round(total, 3), "vision_s": round(spent["vision"], 3),
             "denoise_s": round(spent["denoise"], 3),
             "prefix_and_rest_s": round(total - spent["vision"] - spent["denoise"], 3)}

@@ -8,9 +8,6 @@ and its pre/post processors with dataset stats made up in memory (no dataset nee
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,7 @@ from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
 
-from streamprune.models.tiny import CONFIG_DIR, RANDOM_WEIGHTS_MARKER, cache_dir
+from streamprune.models.tiny import CONFIG_DIR, RANDOM_WEIGHTS_MARKER, cached_build
 
 TINY_SMOLVLM = CONFIG_DIR / "tiny-smolvlm.yaml"
 SPECIALS = ["<|im_start|>", "<end_of_utterance>", "<|im_end|>", "<|endoftext|>", "<fake_token_around_image>",
@@ -87,15 +84,7 @@ def build_tiny_smolvlm(out_dir: Path, spec_path: Path = TINY_SMOLVLM) -> Path:
 
 def tiny_smolvlm_dir(spec_path: Path = TINY_SMOLVLM) -> Path:
     """The tiny SmolVLM folder, built on first use (keyed by the yaml and the transformers version)."""
-    key = hashlib.sha256(spec_path.read_bytes() + transformers.__version__.encode()).hexdigest()[:12]
-    out = cache_dir() / "models" / f"{spec_path.stem}-{key}"
-    if not (out / RANDOM_WEIGHTS_MARKER).exists():
-        # build aside, then rename: an interrupted build never looks complete
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        build_tiny_smolvlm(tmp, spec_path)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.replace(out)
-    return out
+    return cached_build(spec_path, build_tiny_smolvlm)
 
 
 def made_up_stats(input_features: dict[str, PolicyFeature],

@@ -33,7 +33,7 @@ class InnerConfig:
     ratio: float = 0.5  # fraction of visual tokens removed at K
     merge: str = "mean"  # mean | pairwise (holitom and similarity)
     # add log(size) to the attention logits of tokens that stand for `size` originals (ToMe). On by
-    # default: it is exact for duplicated tokens and lowered the first-token KL by 20–30% in
+    # default: it is exact for duplicated tokens and lowered the first-token KL by 17–32% in
     # benchmarks/bench_fidelity.py, for at most ~18% more prefill time (benchmarks/bench_proportional.py)
     proportional: bool = True
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,14 +86,20 @@ def build_tiny_llava_onevision(out_dir: Path, spec_path: Path = TINY_LLAVA_ONEVI
     return out_dir
 
 
-def tiny_model_dir(spec_path: Path = TINY_LLAVA_ONEVISION) -> Path:
-    """The built tiny model's folder, building it on first use (keyed by spec and transformers version)."""
+def cached_build(spec_path: Path, build: Callable[[Path, Path], Path]) -> Path:
+    """The folder `build(out_dir, spec_path)` writes, built on first use under the cache, keyed by the spec
+    and the transformers version. `build` must write RANDOM_WEIGHTS_MARKER last."""
     key = hashlib.sha256(spec_path.read_bytes() + transformers.__version__.encode()).hexdigest()[:12]
     out = cache_dir() / "models" / f"{spec_path.stem}-{key}"
     if not (out / RANDOM_WEIGHTS_MARKER).exists():
         # build aside, then rename: an interrupted build never looks complete
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        build_tiny_llava_onevision(tmp, spec_path)
+        build(tmp, spec_path)
         shutil.rmtree(out, ignore_errors=True)
         tmp.replace(out)
     return out
+
+
+def tiny_model_dir(spec_path: Path = TINY_LLAVA_ONEVISION) -> Path:
+    """The tiny LLaVA-OneVision folder, built on first use."""
+    return cached_build(spec_path, build_tiny_llava_onevision)
