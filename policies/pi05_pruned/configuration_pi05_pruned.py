@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from lerobot.configs import PreTrainedConfig
 from lerobot.policies.pi05.configuration_pi05 import PI05Config
 
-from policies.pi0_pruned.pruning import PruningConfigMixin
+from policies.pruning_config import PruningConfigMixin
 
 
 @PreTrainedConfig.register_subclass("pi05_pruned")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from lerobot.configs import PreTrainedConfig
 from lerobot.policies.pi0.configuration_pi0 import PI0Config
 
-from policies.pi0_pruned.pruning import PruningConfigMixin
+from policies.pruning_config import PruningConfigMixin
 
 
 @PreTrainedConfig.register_subclass("pi0_pruned")

@@ -1,0 +1,57 @@
+"""Pruning options shared by the pruned lerobot policies (`smolvla_pruned`, `pi0_pruned`, `pi05_pruned`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from streamprune.errors import ConfigError
+
+CUTS = ("before", "inside")
+SELECTIONS = ("vla_pruner", "semantic", "random")
+
+
+@dataclass(frozen=True)
+class PruningOptions:
+    retain: float = 0.25
+    cut: str = "before"
+    prune_layer: int = 3
+    window: int = 3
+    decay: float = 0.8
+    selection: str = "vla_pruner"
+
+    def validate(self, vlm_depth: int | None = None) -> None:
+        """Raise ConfigError (one line) on a bad value; `vlm_depth` also bounds `prune_layer`."""
+        if not 0.0 < self.retain <= 1.0:
+            raise ConfigError(f"retain must be in (0, 1], got {self.retain}")
+        if self.cut not in CUTS:
+            raise ConfigError(f"unknown cut {self.cut!r}; choose one of {', '.join(CUTS)}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+        if self.window < 1 or not 0.0 <= self.decay <= 1.0:
+            raise ConfigError(f"importance window must be >= 1 and decay in [0, 1], got {self.window}, {self.decay}")
+        if self.prune_layer < 1 or (vlm_depth is not None and self.prune_layer >= vlm_depth):
+            depth = f" < VLM depth {vlm_depth}" if vlm_depth is not None else ""
+            raise ConfigError(f"prune_layer must be >= 1{depth}, got {self.prune_layer}")
+
+
+@dataclass
+class PruningConfigMixin:
+    """The pruning fields of every pruned policy config (mixed into SmolVLAConfig, PI0Config, PI05Config)."""
+
+    # Fraction of each camera's visual tokens kept once pruning starts (1.0 = the unmodified policy).
+    retain: float = 0.25
+    # "before": drop image tokens before the VLM (every layer and denoising step sees the shorter prefix);
+    # "inside": drop them at VLM layer `prune_layer` of the prefix pass (layers below see all tokens).
+    cut: str = "before"
+    prune_layer: int = 3
+    # Temporal smoothing of the action-level importance: the last W chunks, newest weighted most.
+    importance_window: int = 3
+    importance_decay: float = 0.8
+    # "vla_pruner" (semantic ∪ action, diversity trim) or the baselines "semantic" and "random"; all of them
+    # wait the same W warm-up chunks, so the baselines are compared on the same chunks.
+    selection: str = "vla_pruner"
+
+    def pruning_options(self) -> PruningOptions:
+        return PruningOptions(retain=self.retain, cut=self.cut, prune_layer=self.prune_layer,
+                              window=self.importance_window, decay=self.importance_decay,
+                              selection=self.selection)
