@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both bootstrap the environment.
-.PHONY: demo test bench bench-fidelity bench-stream bench-vla bench-vla-pi0 setup lint
+.PHONY: demo test bench bench-fidelity bench-stream bench-vla bench-vla-pi0 bench-vla-fidelity setup lint
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -23,10 +23,14 @@ bench-stream: setup
 	.venv/bin/python benchmarks/bench_stream.py
 
 bench-vla: setup
-	.venv/bin/python benchmarks/bench_vla.py
+	.venv/bin/python -m benchmarks.bench_vla
 
 bench-vla-pi0: setup
 	.venv/bin/python -m benchmarks.bench_vla_pi0
+
+bench-vla-fidelity: setup
+	.venv/bin/python -m benchmarks.bench_vla_fidelity --policy smolvla
+	.venv/bin/python -m benchmarks.bench_vla_fidelity --policy pi0
 
 bench-fidelity: setup
 	.venv/bin/python benchmarks/bench_fidelity.py

@@ -1,13 +1,10 @@
-"""Pruned VLA policies at real dimensions (random weights): per-chunk latency and action fidelity.
+"""Pruned SmolVLA at real dimensions (random weights): per-chunk latency and where a chunk's time goes.
 
-Run by hand (`make bench-vla`); ~10 minutes for SmolVLA on 2 cores. One process, one set of weights shared
-by every variant (state_dict copy), the same observations and the same flow-matching noise for all:
-- latency: per-chunk time (`predict_action_chunk`) unpruned vs retain 0.5 / 0.25 / 0.125 for both cuts,
-  interleaved repeats, medians; and where an unpruned chunk's time goes (vision tower, VLM prefix pass,
-  denoising steps), from hooks;
-- fidelity: MSE and cosine of the actions against the unpruned policy's, VLA-Pruner vs semantic-only
-  (FastV-style) vs random selection at equal budget, over a sequence of slowly changing observations
-  (the first W = 3 chunks of an episode are unpruned by design and are left out of the averages).
+Run by hand (`make bench-vla`); ~5 minutes on 2 cores. One process, one set of weights shared by every
+variant (state_dict copy), the same observation and flow-matching noise for all: per-chunk time
+(`predict_action_chunk`) unpruned vs retain 0.5 / 0.25 / 0.125 for both cuts, interleaved repeats,
+medians; and the split of an unpruned chunk into vision tower, VLM prefix pass and denoising steps, from
+hooks. Action fidelity is `bench_vla_fidelity.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from policies.smolvla_pruned import SmolVLAPrunedConfig, SmolVLAPrunedPolicy
 from policies.tiny_smolvla import build_tiny_smolvla
@@ -88,14 +84,13 @@ def time_breakdown(policy, pre, batch: dict, noise: torch.Tensor, backbone: str 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--fidelity-steps", type=int, default=8)
     parser.add_argument("--out", default="benchmarks/results/vla_smolvla.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
     base, pre, _ = build(None)
     state = base.state_dict()
-    steps = observations(WARMUP + args.fidelity_steps)
+    steps = observations(WARMUP + 1)
     chunk_size, action_dim = base.config.chunk_size, base.config.max_action_dim
     noise = torch.randn(1, chunk_size, action_dim, generator=torch.Generator().manual_seed(1))
     print("breakdown (unpruned):", time_breakdown(base, pre, steps[0], noise), flush=True)
@@ -121,23 +116,9 @@ def main() -> None:
     latency_table = {k: {"chunk_s": round(statistics.median(v), 3), "speedup": round(base_s / statistics.median(v), 3),
                          "visual_tokens": tokens[k]} for k, v in latency.items()}
 
-    # fidelity at equal budget: same observations, same noise, actions vs the unpruned policy's
-    reference = [chunk(base, pre, b, noise)[0] for b in steps]
-    fidelity = {}
-    for retain in RETAINS:
-        for selection in ("vla_pruner", "semantic", "random"):
-            policy, p, _ = build(retain, "before", selection, state=state)
-            actions = [chunk(policy, p, b, noise)[0] for b in steps]
-            pairs = list(zip(actions, reference, strict=True))[WARMUP:]
-            fidelity[f"{selection} {retain:g}"] = {
-                "mse": round(statistics.mean(float(F.mse_loss(a, r)) for a, r in pairs), 6),
-                "cosine": round(statistics.mean(float(F.cosine_similarity(a.flatten(), r.flatten(), 0))
-                                                for a, r in pairs), 4)}
-            print(f"  fidelity {selection:<10} {retain:<6} {fidelity[f'{selection} {retain:g}']}", flush=True)
-
     report = {"policy": "SmolVLA, SmolVLM2-500M dims (16 VLM layers), random weights, fp32, 1 camera 64 tokens",
               "machine": "2 threads", "breakdown_unpruned": time_breakdown(base, pre, steps[0], noise),
-              "latency": latency_table, "action_fidelity_vs_unpruned": fidelity}
+              "latency": latency_table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

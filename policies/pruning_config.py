@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from streamprune.errors import ConfigError
 
@@ -55,3 +55,22 @@ class PruningConfigMixin:
         return PruningOptions(retain=self.retain, cut=self.cut, prune_layer=self.prune_layer,
                               window=self.importance_window, decay=self.importance_decay,
                               selection=self.selection)
+
+    def set_pruning(self, vlm_depth: int | None = None, **changes: object) -> PruningOptions:
+        """Change pruning fields (e.g. `retain=0.5, cut="inside"`) and return the new options. Validated
+        first: a bad value raises a one-line ConfigError and changes nothing."""
+        names = {f.name for f in fields(PruningConfigMixin)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ConfigError(f"unknown pruning option(s) {', '.join(unknown)}; choose from {', '.join(sorted(names))}")
+        previous = {name: getattr(self, name) for name in changes}
+        for name, value in changes.items():
+            setattr(self, name, value)
+        options = self.pruning_options()
+        try:
+            options.validate(vlm_depth if options.cut == "inside" else None)
+        except ConfigError:
+            for name, value in previous.items():
+                setattr(self, name, value)
+            raise
+        return options

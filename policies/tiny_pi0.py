@@ -22,7 +22,7 @@ from unittest import mock
 
 import torch
 import yaml
-from lerobot.configs import FeatureType, PolicyFeature
+from lerobot.configs import PolicyFeature
 from lerobot.policies.pi0 import modeling_pi0, processor_pi0
 from lerobot.policies.pi0.configuration_pi0 import PI0Config
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy
@@ -31,20 +31,13 @@ from lerobot.policies.pi05 import modeling_pi05, processor_pi05
 from lerobot.policies.pi05.configuration_pi05 import PI05Config
 from lerobot.policies.pi05.modeling_pi05 import PI05Policy
 from lerobot.policies.pi05.processor_pi05 import make_pi05_pre_post_processors
-from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_STATE
 from torch import nn
 
+from policies.tiny_features import PUSHT_INPUTS, PUSHT_OUTPUTS, neutral_stats
 from streamprune.models.tiny import byte_level_tokenizer, cache_dir
 
 TINY_PI0 = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny-pi0.yaml"
 TOKENIZER_DIR = "tokenizers/tiny-pi0-bytes"
-
-PUSHT_INPUTS = {
-    OBS_IMAGE: PolicyFeature(type=FeatureType.VISUAL, shape=(3, 96, 96)),
-    OBS_STATE: PolicyFeature(type=FeatureType.STATE, shape=(2,)),
-}
-PUSHT_OUTPUTS = {ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(2,))}
-
 
 @dataclass(frozen=True)
 class PiFamily:
@@ -137,17 +130,6 @@ def tiny_pi0_patches(spec: dict[str, Any], family: PiFamily = PI0) -> Iterator[N
         stack.enter_context(mock.patch.object(
             processor, "TokenizerProcessorStep", _local_tokenizer(processor.TokenizerProcessorStep, offline_tokenizer_dir())))
         yield
-
-
-def neutral_stats(features: dict[str, PolicyFeature]) -> dict[str, dict[str, torch.Tensor]]:
-    """Identity-like normalisation stats (mean 0, std 1, range ±1) for non-visual features: no dataset needed."""
-    stats = {}
-    for key, feature in features.items():
-        if feature.type is FeatureType.VISUAL:
-            continue
-        zeros, ones = torch.zeros(feature.shape), torch.ones(feature.shape)
-        stats[key] = {"mean": zeros, "std": ones, "min": -ones, "max": ones, "q01": -ones, "q99": ones}
-    return stats
 
 
 def build_tiny_pi0(

@@ -14,28 +14,18 @@ from typing import Any
 import torch
 import transformers
 import yaml
-from lerobot.configs.types import FeatureType, PolicyFeature
+from lerobot.configs.types import PolicyFeature
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from lerobot.policies.smolvla.processor_smolvla import make_smolvla_pre_post_processors
 
+from policies.tiny_features import FEATURE_PRESETS, neutral_stats
 from streamprune.models.tiny import CONFIG_DIR, RANDOM_WEIGHTS_MARKER, cached_build
 
 TINY_SMOLVLM = CONFIG_DIR / "tiny-smolvlm.yaml"
 SPECIALS = ["<|im_start|>", "<end_of_utterance>", "<|im_end|>", "<|endoftext|>", "<fake_token_around_image>",
             "<global-img>", "<image>", "<video>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 
-PUSHT_FEATURES = (
-    {"observation.image": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 96, 96)),
-     "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(2,))},
-    {"action": PolicyFeature(type=FeatureType.ACTION, shape=(2,))},
-)
-ALOHA_FEATURES = (
-    {"observation.images.top": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 480, 640)),
-     "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(14,))},
-    {"action": PolicyFeature(type=FeatureType.ACTION, shape=(14,))},
-)
-FEATURE_PRESETS = {"pusht": PUSHT_FEATURES, "aloha": ALOHA_FEATURES}
 
 
 def byte_level_smolvlm_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -87,16 +77,6 @@ def tiny_smolvlm_dir(spec_path: Path = TINY_SMOLVLM) -> Path:
     return cached_build(spec_path, build_tiny_smolvlm)
 
 
-def made_up_stats(input_features: dict[str, PolicyFeature],
-                  output_features: dict[str, PolicyFeature]) -> dict[str, dict[str, torch.Tensor]]:
-    """Normalisation stats without a dataset: mean 0 / std 1 / min −1 / max 1 for state and action features
-    (SmolVLA leaves images unnormalised)."""
-    features = {**input_features, **output_features}
-    return {key: {"mean": torch.zeros(f.shape), "std": torch.ones(f.shape),
-                  "min": -torch.ones(f.shape), "max": torch.ones(f.shape)}
-            for key, f in features.items() if f.type in (FeatureType.STATE, FeatureType.ACTION)}
-
-
 def build_tiny_smolvla(policy_cls: type = SmolVLAPolicy, config_cls: type = SmolVLAConfig,
                        input_features: dict[str, PolicyFeature] | None = None,
                        output_features: dict[str, PolicyFeature] | None = None, preset: str = "pusht",
@@ -117,5 +97,5 @@ def build_tiny_smolvla(policy_cls: type = SmolVLAPolicy, config_cls: type = Smol
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         policy = policy_cls(config).eval()
-    pre, post = make_smolvla_pre_post_processors(config, dataset_stats=made_up_stats(input_features, output_features))
+    pre, post = make_smolvla_pre_post_processors(config, dataset_stats=neutral_stats({**input_features, **output_features}))
     return policy, pre, post

@@ -11,6 +11,10 @@ Two smoothing modes over the per-step scores S_t [N]:
 
 `ready` is False until `window` steps were recorded: VLA-Pruner runs unpruned for the first W steps of
 an episode, and a stream has no question-driven importance before the first question.
+
+Partly observed steps (a pruned token receives no attention): `update(scores, observed)` fills the
+unobserved positions from the previous step (`carry_over`), so a dropped token keeps its last score and
+can win its slot back instead of being frozen out with a zero.
 """
 
 from __future__ import annotations
@@ -20,6 +24,21 @@ from collections import deque
 import torch
 
 from streamprune.errors import ConfigError
+
+
+def carry_over(scores: torch.Tensor, observed: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """Fill unobserved positions from `previous`. scores, observed (bool), previous: [..., N] → [..., N].
+
+    Observed scores are rescaled to the previous mass of the same positions (per row of the last dim):
+    attention spread over fewer keys is larger per key, so this keeps observed and carried-over values
+    comparable. Without `previous`, unobserved positions are 0.
+    """
+    scores = torch.where(observed, scores, torch.zeros_like(scores))  # unobserved may hold NaN or junk
+    if previous is None or bool(observed.all()):
+        return scores
+    previous_mass = (previous * observed).sum(-1, keepdim=True)
+    mass = (scores * observed).sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+    return torch.where(observed, scores * previous_mass / mass, previous)
 
 
 class ImportanceState:
@@ -42,11 +61,17 @@ class ImportanceState:
         self._ema: torch.Tensor | None = None
         self.steps = 0
 
-    def update(self, scores: torch.Tensor) -> None:
-        """Record one step's importance per position, scores [N] (e.g. attention received)."""
-        scores = scores.detach().float().reshape(-1)
-        if scores.shape[0] != self.num_positions:
-            raise ValueError(f"expected {self.num_positions} scores, got {scores.shape[0]}")
+    def update(self, scores: torch.Tensor, observed: torch.Tensor | None = None) -> None:
+        """Record one step's importance per position (e.g. attention received). scores: [..., N], the same
+        leading shape at every step (e.g. [B, N]: one history per batch row); observed: bool like scores,
+        False where a position was not seen this step (filled by `carry_over` from the previous step)."""
+        scores = scores.detach().float()
+        if scores.shape[-1] != self.num_positions:
+            raise ValueError(f"expected {self.num_positions} scores, got {scores.shape[-1]}")
+        if self._history and scores.shape != self._history[-1].shape:
+            raise ValueError(f"scores of shape {tuple(scores.shape)} after {tuple(self._history[-1].shape)}: reset first")
+        if observed is not None:
+            scores = carry_over(scores, observed.to(scores.device), self.latest())
         self._history.append(scores)
         self._ema = scores.clone() if self._ema is None else (1 - self.decay) * scores + self.decay * self._ema
         self.steps += 1
@@ -56,6 +81,10 @@ class ImportanceState:
         """At least `window` steps recorded: the smoothed state may drive pruning."""
         return self.steps >= self.window
 
+    def latest(self) -> torch.Tensor | None:
+        """The newest recorded step (after carry-over), or None before the first update."""
+        return self._history[-1] if self._history else None
+
     def weights(self) -> torch.Tensor:
         """Window weights for the recorded steps, oldest first: [γ^(k−1), …, γ, 1] / sum."""
         k = len(self._history)
@@ -63,12 +92,13 @@ class ImportanceState:
         return w / w.sum()
 
     def value(self) -> torch.Tensor | None:
-        """Smoothed importance [N], or None before the first update."""
+        """Smoothed importance [..., N] (the shape of the scores), or None before the first update."""
         if self.steps == 0:
             return None
         if self.mode == "ema":
             return self._ema.clone()
-        return (self.weights()[:, None] * torch.stack(list(self._history))).sum(0)
+        history = torch.stack(list(self._history))  # [steps, ..., N]
+        return (self.weights().view(-1, *[1] * (history.dim() - 1)) * history).sum(0)
 
     def top(self, k: int) -> torch.Tensor:
         """Positions of the k most important tokens (empty before the first update)."""

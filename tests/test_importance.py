@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from streamprune import ConfigError
-from streamprune.importance import ImportanceState
+from streamprune.importance import ImportanceState, carry_over
 
 
 def test_window_weights_newest_step_weighs_most():
@@ -53,3 +53,26 @@ def test_bad_arguments():
         ImportanceState(4, decay=1.5)
     with pytest.raises(ValueError):
         ImportanceState(4).update(torch.rand(5))
+
+
+def test_carry_over_keeps_unseen_scores_and_rescales_seen_ones():
+    previous = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    observed = torch.tensor([[True, False, True, False]])
+    scores = torch.tensor([[0.2, float("nan"), 0.6, float("nan")]])  # attention over fewer keys: larger per key
+    torch.testing.assert_close(carry_over(scores, observed, previous), torch.tensor([[0.15, 0.3, 0.45, 0.1]]))
+    torch.testing.assert_close(carry_over(scores, observed, None), torch.tensor([[0.2, 0.0, 0.6, 0.0]]))
+
+
+def test_partly_observed_steps_and_batched_histories():
+    state = ImportanceState(4, window=2, decay=0.5)
+    state.update(torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]))  # [B=2, N=4]: one history per row
+    state.update(torch.tensor([[0.5, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0]]),
+                 observed=torch.tensor([[True, False, True, False], [False, True, False, False]]))
+    assert torch.allclose(state.latest(), torch.tensor([[0.3, 0.3, 0.3, 0.1], [0.1, 0.2, 0.3, 0.4]]))
+    assert torch.allclose(state.value(), (0.5 * torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]])
+                                          + state.latest()) / 1.5)
+    with pytest.raises(ValueError, match="reset first"):
+        state.update(torch.ones(4))
+    state.reset()
+    state.update(torch.ones(4))
+    assert state.value().shape == (4,)

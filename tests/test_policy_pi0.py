@@ -16,9 +16,10 @@ from lerobot.policies.pi05.configuration_pi05 import PI05Config  # noqa: E402
 from lerobot.policies.pi05.modeling_pi05 import PI05Policy  # noqa: E402
 
 from policies.pi0_pruned import PI0PrunedConfig, PI0PrunedPolicy  # noqa: E402
-from policies.pi0_pruned.pruning import gather_rows, impute  # noqa: E402
+from policies.pi0_pruned.pruning import gather_rows  # noqa: E402
 from policies.pi05_pruned import PI05PrunedConfig, PI05PrunedPolicy  # noqa: E402
-from policies.tiny_pi0 import PUSHT_INPUTS, build_tiny_pi0  # noqa: E402
+from policies.tiny_features import PUSHT_INPUTS  # noqa: E402
+from policies.tiny_pi0 import build_tiny_pi0  # noqa: E402
 from streamprune.errors import ConfigError  # noqa: E402
 
 WINDOW = 3
@@ -184,15 +185,6 @@ def test_gather_rows_picks_per_batch_rows():
     assert torch.equal(gather_rows(x, index[:, :1].expand(2, 2) % 4, 2), torch.stack([x[0][:, [2, 2]], x[1][:, [1, 1]]]))
 
 
-def test_impute_keeps_dropped_scores_and_rescales_observed_ones():
-    previous = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
-    observed = torch.tensor([[True, False, True, False]])
-    scores = torch.tensor([[0.2, 0.0, 0.6, 0.0]])  # attention over fewer keys: larger per key
-    filled = impute(scores, observed, previous)
-    torch.testing.assert_close(filled, torch.tensor([[0.15, 0.3, 0.45, 0.1]]))
-    assert torch.equal(impute(scores, observed, None), scores)
-
-
 @pytest.mark.parametrize("overrides", [{"retain": 0.0}, {"retain": 1.5}, {"cut": "middle"},
                                        {"selection": "fastv"}, {"importance_window": 0},
                                        {"importance_decay": 1.2}, {"prune_layer": 0}])
@@ -205,3 +197,26 @@ def test_bad_config_is_a_config_error(config_cls, overrides):
 def test_inside_cut_needs_a_layer_inside_the_vlm():
     with pytest.raises(ConfigError, match="prune_layer"):
         build_tiny_pi0(PI0PrunedPolicy, PI0PrunedConfig, cut="inside", prune_layer=4)
+
+
+@pytest.mark.parametrize("cut", ["before", "inside"])
+def test_reconfigured_policy_matches_one_built_that_way(reference, cut):
+    """One instance switched between chunks (benchmarks do this at 16 GB a copy) acts as a fresh build."""
+    _, pre = reference
+    switched, _, _ = build_tiny_pi0(PI0PrunedPolicy, PI0PrunedConfig, retain=1.0, cut="before")
+    built, _, _ = build_tiny_pi0(PI0PrunedPolicy, PI0PrunedConfig, retain=0.25, cut=cut, selection="semantic")
+    switched.configure_pruning(retain=0.25, cut=cut, selection="semantic")
+    switched.reset()
+    for step in range(WINDOW + 2):
+        assert torch.equal(chunk(switched, pre, step), chunk(built, pre, step))
+        assert torch.equal(switched.last_kept["observation.image"], built.last_kept["observation.image"])
+    assert switched.tokens_kept == 64
+
+
+def test_bad_reconfiguration_changes_nothing():
+    policy, _, _ = build_tiny_pi0(PI0PrunedPolicy, PI0PrunedConfig, retain=0.5)
+    for bad in ({"cut": "inside", "prune_layer": 4}, {"retain": 2.0}, {"window": 3}):
+        with pytest.raises(ConfigError):
+            policy.configure_pruning(**bad)
+    assert (policy.config.retain, policy.config.cut, policy.config.prune_layer) == (0.5, "before", 3)
+    assert policy.pruner.options == policy.config.pruning_options()

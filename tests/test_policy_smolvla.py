@@ -16,7 +16,7 @@ from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TO
 
 from policies.smolvla_pruned import SmolVLAPrunedConfig, SmolVLAPrunedPolicy  # noqa: E402
 from policies.tiny_smolvla import build_tiny_smolvla  # noqa: E402
-from streamprune.errors import ConfigError  # noqa: E402
+from streamprune.errors import ConfigError, ModelError  # noqa: E402
 
 CAMERA = "observation.image"
 
@@ -193,3 +193,48 @@ def test_bad_config_values(bad):
 def test_prune_layer_beyond_backbone_is_config_error():
     with pytest.raises(ConfigError):
         build_tiny_smolvla(SmolVLAPrunedPolicy, SmolVLAPrunedConfig, prune_layer=4)  # tiny backbone: 4 layers
+
+
+def test_reconfigured_policy_matches_one_built_that_way(baseline):
+    _, pre = baseline
+    switched = pruned(baseline, retain=1.0, cut="before", importance_window=1)
+    built = pruned(baseline, retain=0.25, cut="inside", selection="semantic", importance_window=1)
+    switched.configure_pruning(retain=0.25, cut="inside", selection="semantic")
+    switched.reset()
+    for step in range(3):
+        batch = observation(pre, step)
+        expected = built.predict_action_chunk(dict(batch), noise=noise(step))
+        assert torch.equal(switched.predict_action_chunk(dict(batch), noise=noise(step)), expected)
+        assert torch.equal(switched.last_kept[CAMERA], built.last_kept[CAMERA])
+    with pytest.raises(ConfigError, match="unknown pruning option"):
+        switched.configure_pruning(budget=3)
+    with pytest.raises(ConfigError):
+        switched.configure_pruning(cut="inside", prune_layer=99)
+    assert (switched.config.cut, switched.config.prune_layer) == ("inside", 3)
+
+
+def test_a_saved_unpruned_checkpoint_loads_as_the_pruned_policy(baseline, tmp_path):
+    """The path users take with real checkpoints (`--policy-path lerobot/smolvla_base` or a folder): a folder
+    saved by plain SmolVLAPolicy and its processors, loaded by `load_pruned_policy`."""
+    from policies.loading import load_pruned_policy
+
+    base, pre = baseline
+    _, _, post = build_tiny_smolvla()
+    for part in (base, pre, post):
+        part.save_pretrained(tmp_path)
+    features = {**base.config.input_features, **base.config.output_features}
+    policy, loaded_pre, _ = load_pruned_policy("smolvla", str(tmp_path), features, retain=1.0, importance_window=1)
+    assert type(policy) is SmolVLAPrunedPolicy and policy.config.type == "smolvla_pruned"
+    assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), base.state_dict().values(), strict=True))
+    raw = {CAMERA: torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(5)),
+           "observation.state": torch.ones(1, 2), "task": ["push the T onto the target"]}
+    batch = loaded_pre(dict(raw))
+    assert torch.equal(batch["observation.state"], pre(dict(raw))["observation.state"])
+    for step in range(2):  # the second chunk runs past the warm-up, keeping all tokens at retain 1.0
+        assert torch.equal(policy.predict_action_chunk(dict(batch), noise=noise(step)),
+                           base.predict_action_chunk(dict(batch), noise=noise(step)))
+    policy.configure_pruning(retain=0.25)
+    policy.predict_action_chunk(dict(batch), noise=noise(2))
+    assert policy.tokens_kept == 16
+    with pytest.raises(ModelError, match="not a PI0Config"):  # a SmolVLA folder is not a pi0 checkpoint
+        load_pruned_policy("pi0", str(tmp_path), features)

@@ -11,10 +11,10 @@ Importance, per camera, on the n-position grid, per batch element:
 - action: attention from the expert's action tokens to the image tokens while denoising, mean over heads,
   action tokens, denoising steps and the later half of the expert's layers (VLA-Pruner's notes: "later-half
   layers"; its OpenVLA code uses one middle layer). Smoothed over the last W chunks (one `ImportanceState`
-  per camera over B·n positions: each batch element has its own history; a new batch size starts afresh).
-Positions that were pruned away in a chunk were not observed: they keep their previous value and the
-observed ones are rescaled to their previous total mass (`impute`), so a dropped token can come back when
-the kept ones lose importance, instead of being frozen out with a zero score.
+  per camera on [B, n] scores: each batch element has its own history; a new batch size starts afresh).
+Positions that were pruned away in a chunk were not observed: they keep their previous score and the
+observed ones are rescaled to their previous total mass (`streamprune.importance.carry_over`), so a dropped
+token can come back when the kept ones lose importance, instead of being frozen out with a zero score.
 
 Cuts:
 - "before": `filter_prefix` slices the image embeddings and their masks after `embed_prefix`, using the
@@ -27,27 +27,15 @@ Cuts:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from policies.pruning_config import PruningOptions
-from streamprune.importance import ImportanceState
+from streamprune.importance import ImportanceState, carry_over
 from streamprune.reduce.vla import budget, dual_level_select
-
-
-def impute(scores: Tensor, observed: Tensor, previous: Tensor | None) -> Tensor:
-    """Fill unobserved positions from `previous`. scores, observed (bool), previous: [B, n] → [B, n].
-
-    Observed scores are rescaled to the previous mass of the same positions (attention over fewer keys is
-    larger per key), so observed and carried-over values stay comparable.
-    """
-    if previous is None or bool(observed.all()):
-        return scores
-    prev_mass = (previous * observed).sum(1, keepdim=True)
-    mass = (scores * observed).sum(1, keepdim=True).clamp_min(1e-12)
-    return torch.where(observed, scores * prev_mass / mass, previous)
 
 
 def gather_rows(x: Tensor, index: Tensor, dim: int = 1) -> Tensor:
@@ -66,16 +54,24 @@ class VisualTokenPruner:
     """
 
     def __init__(self, options: PruningOptions, paligemma_with_expert: nn.Module, chunk_size: int) -> None:
-        self.options = options
         self.chunk_size = chunk_size
         self.vlm_layers = paligemma_with_expert.paligemma.model.language_model.layers
         self.expert_layers = paligemma_with_expert.gemma_expert.model.layers
-        options.validate(len(self.vlm_layers) if options.cut == "inside" else None)
-        self.semantic_layer = min(options.prune_layer, len(self.vlm_layers)) - 1
         self.action_layers = range(len(self.expert_layers) // 2, len(self.expert_layers))
-        self.cut_layer = options.prune_layer if options.cut == "inside" else 0
+        options.validate(len(self.vlm_layers) if options.cut == "inside" else None)
+        self.options = options  # read per chunk and per hook call: may be replaced between chunks
         self._register()
         self.reset()
+
+    @property
+    def semantic_layer(self) -> int:
+        """The VLM layer whose text → image attention is the semantic score (K − 1, as VLA-Pruner)."""
+        return min(self.options.prune_layer, len(self.vlm_layers)) - 1
+
+    @property
+    def cut_layer(self) -> int:
+        """First layer (VLM and expert) that sees the pruned prefix: K for "inside", 0 for "before"."""
+        return self.options.prune_layer if self.options.cut == "inside" else 0
 
     # ----- state -------------------------------------------------------------------------------------
 
@@ -118,13 +114,12 @@ class VisualTokenPruner:
         action_seen = self._action_count > 0
         for c, cam in enumerate(self.cameras):
             cols = slice(c * n, (c + 1) * n)
-            self.semantic[cam] = impute(semantic[:, cols], seen[:, cols], self.semantic.get(cam))
+            self.semantic[cam] = carry_over(semantic[:, cols], seen[:, cols], self.semantic.get(cam))
             state = self.action_state.get(cam)
-            if state is None or state.num_positions != action[:, cols].numel():  # new episode or batch size
-                state = self.action_state[cam] = ImportanceState(
-                    action[:, cols].numel(), window=self.options.window, decay=self.options.decay)
-            previous = state.value().view_as(action[:, cols]) if state.steps else None
-            state.update(impute(action[:, cols], action_seen[:, cols], previous).reshape(-1))
+            if state is None or state.latest().shape != action[:, cols].shape:  # new episode or batch size
+                state = self.action_state[cam] = ImportanceState(n, window=self.options.window,
+                                                                 decay=self.options.decay)
+            state.update(action[:, cols], observed=action_seen[:, cols])
 
     # ----- selection ---------------------------------------------------------------------------------
 
@@ -188,15 +183,19 @@ class VisualTokenPruner:
     # ----- hooks -------------------------------------------------------------------------------------
 
     def _register(self) -> None:
-        """Hooks for the policy's lifetime; they do nothing outside `begin_chunk` … `end_chunk`."""
-        self.vlm_layers[self.semantic_layer].self_attn.register_forward_hook(self._on_semantic)
+        """Hooks for the policy's lifetime; they do nothing outside `begin_chunk` … `end_chunk`, and each
+        checks the current options, so `options` (cut, layer, budget, selection) may change between chunks."""
+        for i, layer in enumerate(self.vlm_layers):
+            layer.self_attn.register_forward_hook(partial(self._on_semantic, i))
+            layer.register_forward_pre_hook(partial(self._cut_vlm_layer, i), with_kwargs=True)
         for i in self.action_layers:
-            self.expert_layers[i].self_attn.register_forward_hook(self._on_action)
-        if self.options.cut == "inside":
-            for layer in self.vlm_layers[self.cut_layer:]:
-                layer.register_forward_pre_hook(self._cut_vlm_layer, with_kwargs=True)
-            for layer in self.expert_layers[self.cut_layer:]:
-                layer.register_forward_pre_hook(self._cut_expert_layer, with_kwargs=True)
+            self.expert_layers[i].self_attn.register_forward_hook(partial(self._on_action, i))
+        for i, layer in enumerate(self.expert_layers):
+            layer.register_forward_pre_hook(partial(self._cut_expert_layer, i), with_kwargs=True)
+
+    def _cuts(self, layer_idx: int) -> bool:
+        """Layer `layer_idx` runs on the pruned prefix of the "inside" cut."""
+        return self._active and self.options.cut == "inside" and layer_idx >= self.options.prune_layer
 
     def _full_prefix(self, per_key: Tensor, pruned: bool) -> tuple[Tensor, Tensor]:
         """Per-key scores [B, K] of a (possibly pruned) prefix → (scores, observed) on the image part [B, C·n]."""
@@ -209,10 +208,11 @@ class VisualTokenPruner:
         seen.scatter_(1, self._keep, True)
         return full[:, :width], seen[:, :width]
 
-    def _on_semantic(self, module: nn.Module, args: Any, output: tuple[Tensor, Tensor | None]) -> None:
+    def _on_semantic(self, layer_idx: int, module: nn.Module, args: Any,
+                     output: tuple[Tensor, Tensor | None]) -> None:
         """Text → image attention of the prefix pass. weights: [B, H, L', L']."""
         weights = output[1]
-        if not self._active or weights is None:
+        if not self._active or weights is None or layer_idx != self.semantic_layer:
             return
         pruned = self.options.cut == "before"
         rows = self._keep if pruned and self._keep is not None else None
@@ -222,23 +222,25 @@ class VisualTokenPruner:
         per_key = (weights.float().mean(1) * text[:, :, None]).sum(1) / text.sum(1, keepdim=True).clamp_min(1)
         self._semantic_now = self._full_prefix(per_key, pruned)
 
-    def _on_action(self, module: nn.Module, args: Any, output: tuple[Tensor, Tensor | None]) -> None:
+    def _on_action(self, layer_idx: int, module: nn.Module, args: Any,
+                   output: tuple[Tensor, Tensor | None]) -> None:
         """Action → image attention of one expert layer in one denoising step. weights: [B, H, S, K + S]."""
         weights = output[1]
         if not self._active or weights is None:
             return
         suffix = weights.shape[2]
         per_key = weights[:, :, -self.chunk_size:, : weights.shape[3] - suffix].mean((1, 2))
-        pruned = self.options.cut == "before" or module.layer_idx >= self.cut_layer
+        pruned = self.options.cut == "before" or layer_idx >= self.cut_layer
         scores, seen = self._full_prefix(per_key.float(), pruned)
         if self._action_sum is None:
             self._action_sum, self._action_count = torch.zeros_like(scores), torch.zeros_like(scores)
         self._action_sum += scores
         self._action_count += seen  # "inside": layers < K see every position, layers ≥ K the kept ones
 
-    def _cut_vlm_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def _cut_vlm_layer(self, layer_idx: int, module: nn.Module, args: tuple,
+                       kwargs: dict) -> tuple[tuple, dict] | None:
         """"inside": at layer K select with this chunk's semantic scores; re-index the inputs of every layer ≥ K."""
-        if not self._active:
+        if not self._cuts(layer_idx):
             return None
         hidden = args[0]  # [B, L or L', D]
         if hidden.shape[1] == self._prefix_pad.shape[1]:  # layer K: the full prefix arrives
@@ -256,9 +258,10 @@ class VisualTokenPruner:
         kwargs["position_embeddings"] = (gather_rows(cos, keep), gather_rows(sin, keep))
         return (hidden, *args[1:]), kwargs
 
-    def _cut_expert_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def _cut_expert_layer(self, layer_idx: int, module: nn.Module, args: tuple,
+                          kwargs: dict) -> tuple[tuple, dict] | None:
         """"inside": expert layers ≥ K attend over the L' cached prefix keys of those layers."""
-        if not self._active or self._keep is None:
+        if not self._cuts(layer_idx) or self._keep is None:
             return None
         mask = kwargs["attention_mask"]  # [B, 1, S, L + S]
         prefix = self._prefix_pad.shape[1]
@@ -297,6 +300,11 @@ class PrunedPolicyMixin:
         self.model.__class__ = pruned_model_class
         self.pruner = self.model.pruner = VisualTokenPruner(
             self.config.pruning_options(), self.model.paligemma_with_expert, self.config.chunk_size)
+
+    def configure_pruning(self, **changes: Any) -> None:
+        """Change pruning fields of the config between chunks (`PruningConfigMixin.set_pruning`). The
+        importance history is kept: compare variants from a fresh episode (`reset`)."""
+        self.pruner.options = self.config.set_pruning(len(self.pruner.vlm_layers), **changes)
 
     def reset(self) -> None:
         super().reset()

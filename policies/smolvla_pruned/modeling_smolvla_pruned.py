@@ -17,7 +17,8 @@ Importance (per camera, 64 tokens on the 8×8 grid):
   "before", layers < K for cut "inside" (these keep all 64 tokens, so pruned tokens are still scored).
   Recorded once per chunk (batch mean) into an `ImportanceState` (decaying window, w, γ).
 Tokens missing from a recorded step (cut "before": dropped tokens are never seen) keep their last observed score,
-and the seen ones are rescaled to their previous total (`fill_unseen`) so that both stay comparable.
+and the seen ones are rescaled to their previous total (`streamprune.importance.carry_over`) so that both stay
+comparable.
 
 Selection (k = budget(64, retain) per camera): `dual_level_select` on the connector features, or semantic
 top-k, or seeded random. The first `importance_window` chunks of an episode run unpruned.
@@ -39,7 +40,7 @@ from lerobot.policies.smolvla.smolvlm_with_expert import SmolVLMWithExpertModel
 from torch import Tensor
 
 from streamprune.errors import ConfigError
-from streamprune.importance import ImportanceState
+from streamprune.importance import ImportanceState, carry_over
 from streamprune.reduce.vla import budget, dual_level_select
 
 from .configuration_smolvla_pruned import SmolVLAPrunedConfig
@@ -302,12 +303,16 @@ class SmolVLAPrunedPolicy(SmolVLAPolicy):
             raise ConfigError(f"prune_layer must be below the {self.model.vlm_with_expert.num_vlm_layers} "
                               f"VLM layers, got {config.prune_layer}")
 
+    def configure_pruning(self, **changes) -> None:
+        """Change pruning fields of the config between chunks (`PruningConfigMixin.set_pruning`). The
+        importance history is kept: compare variants from a fresh episode (`reset`)."""
+        self.config.set_pruning(self.model.vlm_with_expert.num_vlm_layers, **changes)
+
     def reset(self) -> None:
         """Episode start: empty the action queue, forget importance history, re-seed the random baseline."""
         super().reset()
         self.action_importance: dict[str, ImportanceState] = {}
         self.seen_semantic: dict[str, Tensor] = {}
-        self.seen_action: dict[str, Tensor] = {}
         self.generator = torch.Generator().manual_seed(0)
         self.last_kept: dict[str, Tensor] = {}
         self.tokens_kept = 0
@@ -359,28 +364,13 @@ class SmolVLAPrunedPolicy(SmolVLAPolicy):
         self.last_kept, self.tokens_kept, self.tokens_total = {}, 0, 0
         for i, camera in enumerate(pruner.cameras):
             batch = pruner.features[i].shape[0]
-            self.seen_semantic[camera] = self.fill_unseen(pruner.semantic[camera], self.seen_semantic.get(camera))
-            action = self.fill_unseen(pruner.action_scores(camera), self.seen_action.get(camera))
-            self.seen_action[camera] = action
+            semantic = pruner.semantic[camera].nanmean(0)  # batch mean [64], NaN where unseen
+            self.seen_semantic[camera] = carry_over(semantic, ~semantic.isnan(), self.seen_semantic.get(camera))
+            action = pruner.action_scores(camera).nanmean(0)
             state = self.action_importance.setdefault(
                 camera, ImportanceState(GRID, window=self.config.importance_window,
                                         decay=self.config.importance_decay))
-            state.update(action)
+            state.update(action, observed=~action.isnan())
             self.last_kept[camera] = pruner.keep.get(camera, torch.arange(GRID).expand(batch, GRID))
             self.tokens_kept += self.last_kept[camera].shape[1]
             self.tokens_total += GRID
-
-    @staticmethod
-    def fill_unseen(grid: Tensor, last: Tensor | None) -> Tensor:
-        """Batch-mean grid [B, 64] → [64]; tokens unseen this chunk keep their last value (else 0).
-
-        Seen tokens' attention was renormalised over fewer keys, which inflates it; they are rescaled to the
-        total they had last time, so stale scores of dropped tokens stay comparable and can win back a slot
-        (otherwise cut "before" would freeze its first kept set).
-        """
-        mean = grid.nanmean(0)
-        seen = ~mean.isnan()
-        if last is None or bool(seen.all()):
-            return mean.nan_to_num(0.0)
-        scale = last[seen].sum() / mean[seen].sum().clamp(min=torch.finfo(mean.dtype).tiny)
-        return torch.where(seen, mean * scale, last)

@@ -1,0 +1,157 @@
+"""Action fidelity of pruned VLA policies at real dimensions (random weights), on simulated-env observations.
+
+Run by hand (`make bench-vla-fidelity`; SmolVLA ~30 min, pi0 ~60 min on 2 cores). Protocol, the same for
+every policy, env and variant:
+1. Reference episode: the policy at retain 1.0 (tested to be the unmodified lerobot policy) drives the env
+   from seed s. At each chunk boundary the observation is kept (after the env's and the policy's
+   processors), the chunk is computed with fixed flow-matching noise, and its first `steps_per_chunk`
+   actions are executed. Random weights make those actions arbitrary, but they move the robot, so the
+   scene changes from chunk to chunk as in a rollout.
+2. Every variant (cut × selection × retain) replays the same observations with the same noise from a fresh
+   episode: `reset`, W unpruned warm-up chunks (VLA-Pruner's rule), then pruned chunks.
+3. Per pruned chunk: MSE and cosine of the variant's action chunk against the reference's. Reported: mean
+   and standard error over all pruned chunks of all episodes, and, per budget, the share of chunks where
+   VLA-Pruner is closer than semantic-only / random (paired on the same chunk).
+One policy instance serves every variant (`configure_pruning`): pi0 at real size is 16 GB in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lerobot.envs.factory import make_env_pre_post_processors
+from lerobot.envs.utils import NEW_ROLLOUT_OPTION, preprocess_observation
+from lerobot.utils.constants import ACTION
+
+from envs.sim import _task as task_descriptions  # TODO public name
+from envs.sim import make_sim, policy_features_for
+from policies.loading import load_pruned_policy
+from streamprune.models.tiny import CONFIG_DIR
+
+RETAINS = (0.5, 0.25, 0.125)
+SELECTIONS = ("vla_pruner", "semantic", "random")
+# real-dimension specs of the tiny builders (keyword, file)
+REAL_DIMS = {"smolvla": ("backbone", "smolvlm-500m-dims.yaml"), "pi0": ("spec_path", "pi0-dims.yaml")}
+
+
+@dataclass
+class Episode:
+    """Observations at the chunk boundaries of one reference rollout, and the reference's action chunks."""
+
+    seed: int
+    batches: list[dict[str, Any]]
+    actions: list[torch.Tensor]  # [1, chunk, action_dim] each
+
+
+@torch.no_grad()
+def reference_episode(policy, pre, post, env_name: str, seed: int, chunks: int, steps_per_chunk: int,
+                      noise: torch.Tensor) -> Episode:
+    """Roll out `policy` (configured unpruned) for `chunks` chunks; see the module docstring."""
+    env, env_cfg = make_sim(env_name, episode_length=chunks * steps_per_chunk + 1)
+    env_pre, env_post = make_env_pre_post_processors(env_cfg, policy.config)
+    policy.reset()
+    episode = Episode(seed, [], [])
+    try:
+        observation, _ = env.reset(seed=seed, options={NEW_ROLLOUT_OPTION: True})
+        for _ in range(chunks):
+            batch = preprocess_observation(observation)
+            batch["task"] = task_descriptions(env)
+            batch = pre(env_pre(batch))
+            actions = policy.predict_action_chunk(dict(batch), noise=noise)
+            episode.batches.append(batch)
+            episode.actions.append(actions)
+            for i in range(steps_per_chunk):
+                action = env_post({ACTION: post(actions[:, i])})[ACTION]
+                observation, _, terminated, truncated, _ = env.step(action.numpy())
+                if terminated[0] or truncated[0]:
+                    return episode
+    finally:
+        env.close()
+    return episode
+
+
+@torch.no_grad()
+def replay(policy, episode: Episode, noise: torch.Tensor) -> list[torch.Tensor]:
+    policy.reset()
+    return [policy.predict_action_chunk(dict(batch), noise=noise) for batch in episode.batches]
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return statistics.fmean(values), se
+
+
+def compare(policy, episodes: list[Episode], noise: torch.Tensor, cut: str, warmup: int,
+            log=print) -> dict[str, Any]:
+    """Fidelity of every selection × budget for one cut (see the module docstring)."""
+    mse: dict[str, list[float]] = {}
+    results: dict[str, Any] = {}
+    for retain in RETAINS:
+        for selection in SELECTIONS:
+            key = f"{selection} {retain:g}"
+            policy.configure_pruning(retain=retain, cut=cut, selection=selection)
+            errors, cosines, start = [], [], time.perf_counter()
+            for episode in episodes:
+                pairs = zip(replay(policy, episode, noise), episode.actions, strict=True)
+                for actions, reference in list(pairs)[warmup:]:
+                    errors.append(float(F.mse_loss(actions, reference)))
+                    cosines.append(float(F.cosine_similarity(actions.flatten(), reference.flatten(), 0)))
+            mse[key] = errors
+            (m, se), (c, c_se) = mean_se(errors), mean_se(cosines)
+            results[key] = {"mse": round(m, 6), "mse_se": round(se, 6), "cosine": round(c, 5),
+                            "cosine_se": round(c_se, 5), "chunks": len(errors)}
+            log(f"  {cut:<6} {key:<16} mse {m:.5f} ± {se:.5f}  cos {c:.4f}  ({time.perf_counter() - start:.0f} s)")
+        for baseline in SELECTIONS[1:]:
+            ours, theirs = mse[f"vla_pruner {retain:g}"], mse[f"{baseline} {retain:g}"]
+            wins = sum(a < b for a, b in zip(ours, theirs, strict=True)) / len(ours)
+            results[f"vla_pruner closer than {baseline} {retain:g}"] = round(wins, 3)
+    policy.configure_pruning(retain=1.0)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", choices=sorted(REAL_DIMS), default="smolvla")
+    parser.add_argument("--envs", nargs="+", default=["pusht", "aloha-transfer"])
+    parser.add_argument("--episodes", type=int, default=2, help="reference episodes per env (seeds 0, 1, …)")
+    parser.add_argument("--chunks", type=int, default=8, help="chunks per episode, warm-up included")
+    parser.add_argument("--steps-per-chunk", type=int, default=10, help="actions executed per chunk")
+    parser.add_argument("--cuts", nargs="+", default=["before", "inside"])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    keyword, spec = REAL_DIMS[args.policy]
+    report: dict[str, Any] = {"policy": f"{args.policy} at real dimensions ({spec}), random weights, fp32",
+                              "protocol": " ".join(__doc__.split("Protocol, ")[1].split("One policy")[0].split()),
+                              "chunks_per_episode": args.chunks, "steps_per_chunk": args.steps_per_chunk,
+                              "envs": {}}
+    for env_name in args.envs:
+        start = time.perf_counter()
+        policy, pre, post = load_pruned_policy(args.policy, "tiny", policy_features_for(env_name),
+                                               retain=1.0, **{keyword: CONFIG_DIR / spec})
+        print(f"{env_name}: built {args.policy} in {time.perf_counter() - start:.0f} s", flush=True)
+        noise = torch.randn(1, policy.config.chunk_size, policy.config.max_action_dim,
+                            generator=torch.Generator().manual_seed(1))
+        episodes = [reference_episode(policy, pre, post, env_name, seed, args.chunks, args.steps_per_chunk, noise)
+                    for seed in range(args.episodes)]
+        print(f"  reference: {sum(len(e.batches) for e in episodes)} chunks", flush=True)
+        warmup = policy.config.importance_window
+        report["envs"][env_name] = {cut: compare(policy, episodes, noise, cut, warmup) for cut in args.cuts}
+        del policy  # pi0 at real size: free 16 GB before the next build
+    out = Path(args.out or f"benchmarks/results/vla_fidelity_{args.policy}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
