@@ -31,8 +31,7 @@ from lerobot.envs.factory import make_env_pre_post_processors
 from lerobot.envs.utils import NEW_ROLLOUT_OPTION, preprocess_observation
 from lerobot.utils.constants import ACTION
 
-from envs.sim import _task as task_descriptions  # TODO public name
-from envs.sim import make_sim, policy_features_for
+from envs.sim import make_sim, policy_features_for, task_descriptions
 from policies.loading import load_pruned_policy
 from streamprune.models.tiny import CONFIG_DIR
 
@@ -49,6 +48,7 @@ class Episode:
     seed: int
     batches: list[dict[str, Any]]
     actions: list[torch.Tensor]  # [1, chunk, action_dim] each
+    scores: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]  # per chunk: camera → (semantic, action) [1, n]
 
 
 @torch.no_grad()
@@ -58,7 +58,7 @@ def reference_episode(policy, pre, post, env_name: str, seed: int, chunks: int, 
     env, env_cfg = make_sim(env_name, episode_length=chunks * steps_per_chunk + 1)
     env_pre, env_post = make_env_pre_post_processors(env_cfg, policy.config)
     policy.reset()
-    episode = Episode(seed, [], [])
+    episode = Episode(seed, [], [], [])
     try:
         observation, _ = env.reset(seed=seed, options={NEW_ROLLOUT_OPTION: True})
         for _ in range(chunks):
@@ -68,6 +68,7 @@ def reference_episode(policy, pre, post, env_name: str, seed: int, chunks: int, 
             actions = policy.predict_action_chunk(dict(batch), noise=noise)
             episode.batches.append(batch)
             episode.actions.append(actions)
+            episode.scores.append(policy.last_scores())
             for i in range(steps_per_chunk):
                 action = env_post({ACTION: post(actions[:, i])})[ACTION]
                 observation, _, terminated, truncated, _ = env.step(action.numpy())
@@ -87,6 +88,29 @@ def replay(policy, episode: Episode, noise: torch.Tensor) -> list[torch.Tensor]:
 def mean_se(values: list[float]) -> tuple[float, float]:
     se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
     return statistics.fmean(values), se
+
+
+def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    """Share of the top-k positions of scores a [n] that are also top-k of b [n]."""
+    return len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
+
+
+def score_overlaps(episodes: list[Episode]) -> dict[str, float]:
+    """VLA-Pruner's premise measured on the unpruned reference chunks, per budget: top-k overlap of the
+    action importance of consecutive chunks (high → last chunks predict this one), and of semantic vs
+    action importance in the same chunk (low → semantic-only pruning drops what the action expert reads)."""
+    result = {}
+    for retain in RETAINS:
+        consecutive, cross = [], []
+        for episode in episodes:
+            for before, now in zip(episode.scores, episode.scores[1:], strict=False):
+                for camera, (semantic, action) in now.items():
+                    k = max(1, round(retain * action.shape[-1]))
+                    consecutive.append(top_overlap(before[camera][1][0], action[0], k))
+                    cross.append(top_overlap(semantic[0], action[0], k))
+        result[f"action t-1 vs t {retain:g}"] = round(statistics.fmean(consecutive), 3)
+        result[f"semantic vs action {retain:g}"] = round(statistics.fmean(cross), 3)
+    return result
 
 
 def compare(policy, episodes: list[Episode], noise: torch.Tensor, cut: str, warmup: int,
@@ -145,7 +169,9 @@ def main() -> None:
                     for seed in range(args.episodes)]
         print(f"  reference: {sum(len(e.batches) for e in episodes)} chunks", flush=True)
         warmup = policy.config.importance_window
-        report["envs"][env_name] = {cut: compare(policy, episodes, noise, cut, warmup) for cut in args.cuts}
+        report["envs"][env_name] = {"top_k_overlap_unpruned": score_overlaps(episodes)}
+        print(f"  {report['envs'][env_name]}", flush=True)
+        report["envs"][env_name].update({cut: compare(policy, episodes, noise, cut, warmup) for cut in args.cuts})
         del policy  # pi0 at real size: free 16 GB before the next build
     out = Path(args.out or f"benchmarks/results/vla_fidelity_{args.policy}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

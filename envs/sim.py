@@ -1,4 +1,4 @@
-"""Simulated episodes (PushT, ALOHA) for any lerobot policy: one control loop, timed per action chunk.
+"""Simulated episodes (PushT, ALOHA, LIBERO) for any lerobot policy: one control loop, timed per action chunk.
 
 The loop follows `lerobot.scripts.lerobot_eval.rollout` for a single environment, so a policy instance
 (e.g. a token-pruned one) can be evaluated in-process without saving or registering it, and adds what
@@ -21,22 +21,36 @@ from typing import Any, Protocol
 import gymnasium as gym
 import numpy as np
 import torch
-from lerobot.configs import PolicyFeature
-from lerobot.envs.configs import AlohaEnv, EnvConfig, PushtEnv
+from lerobot.configs import FeatureType, PolicyFeature
+from lerobot.envs.configs import AlohaEnv, EnvConfig, LiberoEnv, PushtEnv
 from lerobot.envs.factory import make_env, make_env_pre_post_processors
 from lerobot.envs.utils import NEW_ROLLOUT_OPTION, env_to_policy_features, preprocess_observation
-from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_IMAGES
+from lerobot.utils.constants import ACTION, OBS_IMAGE, OBS_IMAGES, OBS_STATE
 
-from envs.video import EpisodeVideo, draw_kept_tokens, upscale
+from envs.libero_setup import ensure_libero_ready
+from envs.video import EpisodeVideo, draw_kept_tokens, letterbox, upscale
 from streamprune.errors import ConfigError
 
 # Our env names -> lerobot env config factories. gym-pusht renders 96x96 observations because lerobot's
 # PushtEnv does not pass its observation size to gym; declaring 96x96 makes the features tell the truth.
+# A LIBERO env is one task of a suite (`make_sim(task_id=...)`, default task 0); lerobot's defaults otherwise
+# (two 360x360 cameras, 8-d state, 7-d relative end-effector actions, init states, hard resets).
 ENVS: dict[str, Callable[[], EnvConfig]] = {
     "pusht": partial(PushtEnv, observation_height=96, observation_width=96),
     "aloha-insertion": partial(AlohaEnv, task="AlohaInsertion-v0"),
     "aloha-transfer": partial(AlohaEnv, task="AlohaTransferCube-v0"),
+    "libero-spatial": partial(LiberoEnv, task="libero_spatial"),
+    "libero-object": partial(LiberoEnv, task="libero_object"),
+    "libero-goal": partial(LiberoEnv, task="libero_goal"),
+    "libero-10": partial(LiberoEnv, task="libero_10"),
 }
+
+# Tasks per LIBERO suite (fixed by the benchmark): a bad task id is refused before anything is built.
+LIBERO_SUITE_TASKS = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10}
+
+# lerobot's LIBERO env processor (LiberoProcessorStep) turns the nested robot state into one vector: end-effector
+# position (3), orientation as axis-angle (3), gripper joint positions (2). Policies see that, not the raw keys.
+LIBERO_STATE = PolicyFeature(type=FeatureType.STATE, shape=(8,))
 
 # Cameras of the ALOHA scene (gym_aloha/assets/*.xml). lerobot observes only "top".
 ALOHA_CAMERAS = ("top", "angle", "front_close", "left_pillar", "right_pillar", "left_wrist", "right_wrist")
@@ -60,32 +74,66 @@ def _config(name: str) -> EnvConfig:
 
 
 def policy_features_for(name: str) -> dict[str, PolicyFeature]:
-    """lerobot policy features (observation.* inputs and action) of env `name`, to build a matching policy."""
-    return env_to_policy_features(_config(name))
+    """lerobot policy features (observation.* inputs and action) of env `name`, to build a matching policy:
+    what the policy receives after the env's own processor (for LIBERO: two cameras and the 8-d state)."""
+    cfg = _config(name)
+    features = env_to_policy_features(cfg)
+    if isinstance(cfg, LiberoEnv):
+        features = {key: f for key, f in features.items() if not key.startswith(f"{OBS_STATE}.")}
+        features[OBS_STATE] = LIBERO_STATE
+    return features
 
 
 def make_sim(
-    name: str, episode_length: int | None = None, render_camera: str | None = None
+    name: str, episode_length: int | None = None, render_camera: str | None = None, task_id: int | None = None
 ) -> tuple[gym.vector.VectorEnv, EnvConfig]:
     """Build env `name` as a synchronous vector env of 1 through lerobot's `make_env`.
 
     `episode_length` overrides the config's step limit (the env truncates there). `render_camera` is
     for ALOHA only: the scene camera rendered into the policy's image (lerobot's `observation.images.top`
     key); default "top". Only that camera is rendered: stock gym-aloha renders three 480x640 views per
-    step (~100 ms each in software GL) and returns one.
+    step (~100 ms each in software GL) and returns one. `task_id` is for LIBERO only: the task of the
+    suite (default 0). LIBERO's config and offline assets are set up first (`ensure_libero_ready`).
     """
     cfg = _config(name)
     if episode_length is not None:
         cfg.episode_length = episode_length
-    is_aloha = isinstance(cfg, AlohaEnv)
+    is_aloha, is_libero = isinstance(cfg, AlohaEnv), isinstance(cfg, LiberoEnv)
     if render_camera is not None and not is_aloha:
-        raise ConfigError(f"{name} has a single fixed view; render_camera applies to the ALOHA envs only")
+        views = "two fixed cameras" if is_libero else "a single fixed view"
+        raise ConfigError(f"{name} has {views}; render_camera applies to the ALOHA envs only")
     if is_aloha and (render_camera or "top") not in ALOHA_CAMERAS:
         raise ConfigError(f"unknown ALOHA camera {render_camera!r}; choose one of: {', '.join(ALOHA_CAMERAS)}")
+    check_task_id(name, task_id)
+    if is_libero:
+        return _make_libero(name, cfg, task_id or 0), cfg
     env = make_env(cfg, n_envs=1, use_async_envs=False)[cfg.type][0]
     if is_aloha:
         _render_only(env, render_camera or "top")
     return env, cfg
+
+
+def check_task_id(name: str, task_id: int | None) -> None:
+    """ConfigError (one line) unless `task_id` is None or a task of LIBERO env `name`'s suite."""
+    cfg = _config(name)
+    if task_id is None:
+        return
+    if not isinstance(cfg, LiberoEnv):
+        raise ConfigError(f"{name} has a single task; task_id applies to the LIBERO envs only")
+    tasks = LIBERO_SUITE_TASKS[cfg.task]
+    if not 0 <= task_id < tasks:
+        raise ConfigError(f"{name}: task_id {task_id} out of range [0, {tasks - 1}]")
+
+
+def _make_libero(name: str, cfg: LiberoEnv, task_id: int) -> gym.vector.VectorEnv:
+    """Task `task_id` of the config's suite. The simulator itself is built lazily, at the first reset."""
+    ensure_libero_ready()
+    cfg.task_ids = [task_id]
+    try:
+        envs = make_env(cfg, n_envs=1, use_async_envs=False)
+    except ValueError as exc:  # lerobot's check of the task id against the suite's size
+        raise ConfigError(f"{name}: {exc}") from None
+    return envs[cfg.task][task_id]
 
 
 def _render_only(env: gym.vector.SyncVectorEnv, camera: str) -> None:
@@ -201,6 +249,7 @@ def run_episodes(
     overlay: Overlay | None = None,
     progress: Callable[[int, int], None] | None = None,
     render_camera: str | None = None,
+    task_id: int | None = None,
 ) -> EvalResult:
     """Run `episodes` episodes of `env_name` with `policy`, seeds `seed, seed + 1, ...`.
 
@@ -209,11 +258,11 @@ def run_episodes(
     `video_path` records the first episode's camera frames; `overlay(policy)` -> {camera key: kept bool
     [gh, gw]} is read after each new chunk and its mask drawn on the frames until the next chunk.
     `progress(done_steps, total_steps)` is called after every step (total = episodes x step limit).
-    `render_camera` picks the ALOHA view (see `make_sim`).
+    `render_camera` picks the ALOHA view and `task_id` the LIBERO task (see `make_sim`).
     """
     if episodes < 1:
         raise ConfigError(f"episodes must be at least 1, got {episodes}")
-    env, env_cfg = make_sim(env_name, episode_length=max_steps, render_camera=render_camera)
+    env, env_cfg = make_sim(env_name, episode_length=max_steps, render_camera=render_camera, task_id=task_id)
     env_pre, env_post = make_env_pre_post_processors(env_cfg, getattr(policy, "config", None))
     step_limit = int(env.call("_max_episode_steps")[0])
     video = EpisodeVideo(video_path, env_cfg.fps) if video_path is not None else None
@@ -223,7 +272,8 @@ def run_episodes(
     results: list[EpisodeResult] = []
     try:
         for index in range(episodes):
-            loop = _EpisodeLoop(env, policy, processors, overlay, video if index == 0 else None)
+            loop = _EpisodeLoop(env, policy, processors, overlay, video if index == 0 else None,
+                                policy_view(env_cfg))
 
             def on_step(step: int, done: int = index * step_limit) -> None:
                 if progress is not None:
@@ -249,8 +299,9 @@ class _EpisodeLoop:
         processors: tuple[Processor, Processor, Processor, Processor],
         overlay: Overlay | None,
         video: EpisodeVideo | None,
+        view: Callable[[np.ndarray], np.ndarray],
     ):
-        self.env, self.policy, self.overlay, self.video = env, policy, overlay, video
+        self.env, self.policy, self.overlay, self.video, self.view = env, policy, overlay, video, view
         self.env_pre, self.pre, self.post, self.env_post = processors
         self.masks: dict[str, np.ndarray] = {}
 
@@ -275,7 +326,7 @@ class _EpisodeLoop:
     def _act(self, observation: dict[str, Any], result: EpisodeResult) -> np.ndarray:
         """Choose one action; time `select_action` and record chunk stats when it computes a new chunk."""
         batch = preprocess_observation(observation)
-        batch["task"] = _task(self.env)
+        batch["task"] = task_descriptions(self.env)
         batch = self.pre(self.env_pre(batch))
         new_chunk = _starts_chunk(self.policy)
         start = time.perf_counter()
@@ -299,6 +350,10 @@ class _EpisodeLoop:
     def _record(self, observation: dict[str, Any]) -> None:
         """Add the first camera's frame (with the latest kept-token mask, if any) to the video."""
         key, frame = next(iter(camera_frames(observation).items()))
+        frame = self.view(frame)
+        padding = getattr(self.policy, "image_padding", None)
+        if padding is not None and frame.shape[0] != frame.shape[1]:
+            frame = letterbox(frame, padding)  # the square the policy tokenises: cells sit on their tokens
         frame = upscale(frame)  # before drawing, so the grid lines stay thin
         # A single-camera policy may name its camera differently (rename maps); its only mask still applies.
         mask = self.masks.get(key, next(iter(self.masks.values())) if len(self.masks) == 1 else None)
@@ -322,6 +377,14 @@ def last_kept_overlay(policy: Any) -> dict[str, np.ndarray]:
     return masks
 
 
+def policy_view(env_cfg: EnvConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """Camera frame -> the image the policy sees, so video frames and kept-token masks line up.
+    LIBERO's cameras render upside down; its env processor rotates them by 180 degrees."""
+    if isinstance(env_cfg, LiberoEnv):
+        return lambda frame: frame[::-1, ::-1]
+    return lambda frame: frame
+
+
 def camera_frames(observation: dict[str, Any]) -> dict[str, np.ndarray]:
     """uint8 [H, W, 3] frames of env 0 of a vector-env observation, by lerobot policy key."""
     pixels = observation["pixels"]
@@ -330,7 +393,7 @@ def camera_frames(observation: dict[str, Any]) -> dict[str, np.ndarray]:
     return {OBS_IMAGE: pixels[0]}
 
 
-def _task(env: gym.vector.VectorEnv) -> list[str]:
+def task_descriptions(env: gym.vector.VectorEnv) -> list[str]:
     """The language task per sub-env, as lerobot_eval infers it (description, else task name, else "")."""
     for attr in ("task_description", "task"):
         try:

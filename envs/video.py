@@ -30,9 +30,8 @@ def draw_kept_tokens(image: np.ndarray, kept: np.ndarray) -> np.ndarray:
 
     `image` is uint8 [H, W, 3]; `kept` is bool [gh, gw], one cell per visual token in raster order.
     Kept cells get a bright green outline (inside the cell); dropped cells are dimmed. The grid spans
-    the whole frame, which is exact for square frames (PushT). Policies letterbox non-square frames to
-    a square before tokenising (SmolVLA pads top/left, pi0 pads centred), so on 480x640 ALOHA frames
-    this is an approximation: rows are off by up to a quarter of the frame height.
+    the whole frame: policies letterbox non-square frames to a square before tokenising, so pass such
+    frames through `letterbox` first (as the episode loop does) for the cells to sit where the tokens are.
     Returns a new uint8 [H, W, 3] array; the input is not modified.
     """
     kept = np.asarray(kept, bool)
@@ -51,6 +50,21 @@ def draw_kept_tokens(image: np.ndarray, kept: np.ndarray) -> np.ndarray:
         out[bottom - line : bottom, left:right] = KEPT_COLOR
         out[top:bottom, left : left + line] = KEPT_COLOR
         out[top:bottom, right - line : right] = KEPT_COLOR
+    return out
+
+
+def letterbox(image: np.ndarray, padding: str) -> np.ndarray:
+    """Pad uint8 [H, W, 3] with black to a square, as the policy pads before resizing: "top_left" (lerobot's
+    `resize_with_pad`, SmolVLA: all padding above / left) or "centre" (`resize_with_pad_torch`, pi0 and
+    pi05, openpi's convention). The token grid then covers the returned image exactly."""
+    if padding not in ("top_left", "centre"):
+        raise ValueError(f"unknown padding {padding!r}")
+    height, width = image.shape[:2]
+    side = max(height, width)
+    extra_h, extra_w = side - height, side - width
+    top, left = (extra_h, extra_w) if padding == "top_left" else (extra_h // 2, extra_w // 2)
+    out = np.zeros((side, side, *image.shape[2:]), image.dtype)
+    out[top:top + height, left:left + width] = image
     return out
 
 

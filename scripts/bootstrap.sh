@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (once) and link the project's virtualenv, then install streamprune into it in editable mode.
-# The ~6 GB venv lives outside the clone, keyed by the hash of setup.cfg, so a fresh clone (CI) with
+# The ~7 GB venv lives outside the clone, keyed by the hash of setup.cfg, so a fresh clone (CI) with
 # the same dependencies reuses it and only re-points the editable install (seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,15 +30,29 @@ key=$( (requirements; "$py" -c 'import sys; print(sys.version)') | sha256sum | c
 cache="${STREAMPRUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/streamprune}"
 venv="$cache/venv-$key"
 
+# LIBERO's hf-egl-probe is an sdist whose setup.py runs `cmake` from PATH inside pip's isolated build env.
+# A `cmake` from a virtualenv (the PyPI shim lerobot installs; on PATH when a venv is activated) is a Python
+# script that was seen to fail there (ModuleNotFoundError: cmake), so the install runs with the first other
+# cmake's directory at the front of PATH.
+system_cmake_dir() {
+  local c
+  for c in $(type -ap cmake); do
+    case "$c" in "$cache"/*|"$root"/*|*/shims/*|"${VIRTUAL_ENV:-/nonexistent}"/*) continue ;; esac
+    dirname "$c"; return
+  done
+  return 1
+}
+
 if [ ! -f "$venv/.complete" ]; then
-  echo "bootstrap: building $venv with $py (first run: ~6 GB, a few minutes; later runs reuse it)"
+  echo "bootstrap: building $venv with $py (first run: ~7 GB, a few minutes; later runs reuse it)"
   rm -rf "$venv"
   mkdir -p "$cache"
   "$py" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
   # install_requires from setup.cfg plus the test extras, without installing the project itself yet
   requirements > "$venv/requirements.txt"
-  "$venv/bin/python" -m pip install --progress-bar off -r "$venv/requirements.txt"
+  cmake_dir=$(system_cmake_dir) || { echo "error: CMake not found; LIBERO's hf-egl-probe is built with it (apt-get install cmake g++ make)" >&2; exit 2; }
+  PATH="$cmake_dir:$PATH" "$venv/bin/python" -m pip install --progress-bar off -r "$venv/requirements.txt"
   touch "$venv/.complete"
 fi
 

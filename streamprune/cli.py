@@ -54,6 +54,22 @@ def _add_video_and_reduction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
 
 
+class _SimEnvNames:
+    """`--env` choices: the names of `envs.sim.ENVS`, imported only when `policy eval` parses or prints help
+    (importing lerobot would add ~2 s to every other command)."""
+
+    def _names(self) -> list[str]:
+        from envs.sim import ENVS
+
+        return list(ENVS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="streamprune", description="Token reduction for video LLMs and robot policies.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,11 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     pol = sub.add_parser("policy", help="pruned vision-language-action policies in simulation")
     pol_sub = pol.add_subparsers(dest="policy_command", required=True)
     ev = pol_sub.add_parser("eval", help="run a pruned VLA policy in a simulated environment",
-                            description="Run a pruned lerobot policy (VLA-Pruner) in PushT or ALOHA: success rate, "
+                            description="Run a pruned lerobot policy (VLA-Pruner) in PushT, ALOHA or LIBERO: success rate, "
                                         "reward, per-chunk latency, tokens kept, and a video with kept tokens.")
     ev.add_argument("--policy", required=True, choices=["smolvla", "pi0", "pi05"])
     ev.add_argument("--policy-path", default="tiny", help="hub ID, local folder, or 'tiny' (random weights) [tiny]")
-    ev.add_argument("--env", required=True, choices=["pusht", "aloha-insertion", "aloha-transfer"])
+    # a metavar, so that argparse lists the choices only when printing help
+    ev.add_argument("--env", required=True, choices=_SimEnvNames(), metavar="ENV", help="simulated environment: %(choices)s")
     ev.add_argument("--episodes", type=int, default=1)
     ev.add_argument("--retain", type=_ratio, default=0.25, help="fraction of visual tokens kept [0.25]")
     ev.add_argument("--cut", default="before", choices=["before", "inside"],
@@ -102,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--max-steps", type=int, help="cap each episode at this many control steps")
     ev.add_argument("--n-action-steps", type=int, help="actions executed per predicted chunk")
+    ev.add_argument("--task-id", type=int, help="LIBERO only: the task of the suite [0]")
     ev.add_argument("--video", metavar="PATH", help="write the first episode as an mp4 with kept tokens overlaid")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -238,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             opts = PolicyEvalOptions(policy=args.policy, env=args.env, policy_path=args.policy_path,
                                      episodes=args.episodes, retain=args.retain, cut=args.cut,
                                      selection=args.selection, seed=args.seed, max_steps=args.max_steps,
-                                     n_action_steps=args.n_action_steps, video=args.video)
+                                     n_action_steps=args.n_action_steps, task_id=args.task_id, video=args.video)
             # lerobot and the simulators print to stdout; keep stdout for our report alone
             with bars, contextlib.redirect_stdout(sys.stderr):
                 result = run_policy_eval(opts, progress=lambda done, total: update("steps", done, total))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from streamprune.errors import ConfigError
@@ -24,6 +23,7 @@ class PolicyEvalOptions:
     seed: int = 0
     max_steps: int | None = None
     n_action_steps: int | None = None
+    task_id: int | None = None  # LIBERO: the task of the suite
     video: str | None = None
 
     def validate(self) -> None:
@@ -42,10 +42,10 @@ class PolicyEvalOptions:
 def run_policy_eval(opts: PolicyEvalOptions, progress=None) -> dict:
     """Build the pruned policy for the env, run the episodes, return the result as a dict."""
     opts.validate()
-    if opts.env.startswith("aloha"):
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the first mujoco import
-    from envs.sim import last_kept_overlay, policy_features_for, run_episodes
+    from envs.sim import check_task_id, last_kept_overlay, policy_features_for, run_episodes
     from policies.loading import load_pruned_policy
+
+    check_task_id(opts.env, opts.task_id)  # before the (slow) policy build
 
     features = policy_features_for(opts.env)
     pruning = {"retain": opts.retain, "cut": opts.cut, "selection": opts.selection}
@@ -54,8 +54,9 @@ def run_policy_eval(opts: PolicyEvalOptions, progress=None) -> dict:
     policy, pre, post = load_pruned_policy(opts.policy, opts.policy_path, features, **pruning)
     result = run_episodes(opts.env, policy, pre, post, episodes=opts.episodes, seed=opts.seed,
                           max_steps=opts.max_steps, video_path=opts.video, overlay=last_kept_overlay,
-                          progress=progress)
+                          progress=progress, task_id=opts.task_id)
     random_weights = opts.policy_path == "tiny"
     return {"policy": opts.policy, "policy_path": opts.policy_path, "random_weights": random_weights,
-            "env": opts.env, "retain": opts.retain, "cut": opts.cut, "selection": opts.selection,
+            "env": opts.env, **({"task_id": opts.task_id or 0} if opts.env.startswith("libero") else {}),
+            "retain": opts.retain, "cut": opts.cut, "selection": opts.selection,
             **result.to_dict()}

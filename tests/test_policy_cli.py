@@ -48,10 +48,27 @@ def test_smolvla_aloha_insertion_runs():
     assert result["steps"] == 4 and result["chunks"] == 2 and result["env"] == "aloha-insertion"
 
 
+def test_smolvla_libero_spatial_runs():
+    """LIBERO offline through the CLI: stdout stays pure JSON although lerobot and LIBERO print while building."""
+    result = eval_json("--policy", "smolvla", "--policy-path", "tiny", "--env", "libero-spatial", "--episodes", "1",
+                       "--max-steps", "6", "--n-action-steps", "3", "--retain", "0.5", "--task-id", "1")
+    assert result["env"] == "libero-spatial" and result["n_episodes"] == 1 and result["random_weights"]
+    assert result["task_id"] == 1
+    assert result["steps"] == 6 and result["chunks"] == 2 and result["video_path"] is None
+    episode = result["episodes"][0]
+    assert episode["steps"] == 6 and episode["success"] is False and len(episode["chunk_latencies_s"]) == 2
+    assert episode["tokens_total"] == [128, 128]  # two cameras x 64 tokens
+    assert all(0 < kept <= total for kept, total in zip(episode["tokens_kept"], episode["tokens_total"], strict=True))
+    assert 0 < result["chunk_latency_p50_s"] <= result["chunk_latency_p95_s"] < result["wall_time_s"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--policy", "smolvla", "--env", "pusht", "--retain", "0"], "--retain must be in (0, 1]"),
     (["--policy", "smolvla", "--env", "pusht", "--cut", "middle"], "invalid choice"),
+    (["--policy", "smolvla", "--env", "libero-90"], "invalid choice: 'libero-90' (choose from 'pusht', "),
     (["--policy", "smolvla", "--env", "pusht", "--episodes", "0"], "--episodes"),
+    (["--policy", "smolvla", "--env", "pusht", "--task-id", "1"], "task_id applies to the LIBERO envs only"),
+    (["--policy", "smolvla", "--env", "libero-goal", "--task-id", "10"], "task_id 10 out of range [0, 9]"),
     (["--policy", "smolvla", "--env", "pusht", "--policy-path", "someorg/no-such-policy"], "hf download"),
 ])
 def test_bad_flags(args, message):

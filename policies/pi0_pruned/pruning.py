@@ -294,6 +294,8 @@ class PrunedPolicyMixin:
     and `tokens_total` (image tokens per sample over all cameras, in the pruned layers).
     """
 
+    image_padding = "centre"  # how pi0/pi05 letterbox a non-square camera image (for overlays)
+
     def attach_pruner(self, pruned_model_class: type) -> None:
         """Call at the end of `__init__`. The base policy builds its model itself; the pruned class only adds
         a method override, so switching the class of the built model keeps weights and seeds identical."""
@@ -322,6 +324,10 @@ class PrunedPolicyMixin:
     @property
     def tokens_total(self) -> int:
         return self.pruner.tokens_total
+
+    def last_scores(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Camera → (semantic, action) importance of the last chunk, [B, n] each (unseen ones carried over)."""
+        return {cam: (self.pruner.semantic[cam], state.latest()) for cam, state in self.pruner.action_state.items()}
 
     def camera_order(self, batch: dict[str, Tensor]) -> list[str]:
         """Camera keys in prefix order: `_preprocess_images` puts present cameras first, then missing ones."""

@@ -293,6 +293,7 @@ class SmolVLAPrunedPolicy(SmolVLAPolicy):
 
     config_class = SmolVLAPrunedConfig
     name = "smolvla_pruned"
+    image_padding = "top_left"  # how SmolVLA letterboxes a non-square camera image (for overlays)
 
     def __init__(self, config: SmolVLAPrunedConfig, **kwargs) -> None:
         super().__init__(config, **kwargs)
@@ -317,6 +318,12 @@ class SmolVLAPrunedPolicy(SmolVLAPolicy):
         self.last_kept: dict[str, Tensor] = {}
         self.tokens_kept = 0
         self.tokens_total = 0
+
+    def last_scores(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Camera → (semantic, action) importance of the last chunk, [1, 64] each (batch mean; unseen ones
+        carried over)."""
+        return {cam: (self.seen_semantic[cam][None], state.latest()[None])
+                for cam, state in self.action_importance.items()}
 
     @property
     def budget(self) -> int:
