@@ -18,6 +18,7 @@ One policy instance serves every variant (`configure_pruning`): pi0 at real size
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -34,9 +35,9 @@ from lerobot.utils.constants import ACTION
 from envs.sim import make_sim, policy_features_for, task_descriptions
 from policies.loading import load_pruned_policy
 from streamprune.models.tiny import CONFIG_DIR
+from streamprune.reduce.vla import SELECTIONS
 
 RETAINS = (0.5, 0.25, 0.125)
-SELECTIONS = ("vla_pruner", "semantic", "random")
 # real-dimension specs of the tiny builders (keyword, file)
 REAL_DIMS = {"smolvla": ("backbone", "smolvlm-500m-dims.yaml"), "pi0": ("spec_path", "pi0-dims.yaml")}
 
@@ -114,12 +115,12 @@ def score_overlaps(episodes: list[Episode]) -> dict[str, float]:
 
 
 def compare(policy, episodes: list[Episode], noise: torch.Tensor, cut: str, warmup: int,
-            log=print) -> dict[str, Any]:
+            selections: tuple[str, ...] = SELECTIONS, log=print) -> dict[str, Any]:
     """Fidelity of every selection × budget for one cut (see the module docstring)."""
     mse: dict[str, list[float]] = {}
     results: dict[str, Any] = {}
     for retain in RETAINS:
-        for selection in SELECTIONS:
+        for selection in selections:
             key = f"{selection} {retain:g}"
             policy.configure_pruning(retain=retain, cut=cut, selection=selection)
             errors, cosines, start = [], [], time.perf_counter()
@@ -133,7 +134,7 @@ def compare(policy, episodes: list[Episode], noise: torch.Tensor, cut: str, warm
             results[key] = {"mse": round(m, 6), "mse_se": round(se, 6), "cosine": round(c, 5),
                             "cosine_se": round(c_se, 5), "chunks": len(errors)}
             log(f"  {cut:<6} {key:<16} mse {m:.5f} ± {se:.5f}  cos {c:.4f}  ({time.perf_counter() - start:.0f} s)")
-        for baseline in SELECTIONS[1:]:
+        for baseline in (s for s in selections if s != "vla_pruner" and "vla_pruner" in selections):
             ours, theirs = mse[f"vla_pruner {retain:g}"], mse[f"{baseline} {retain:g}"]
             wins = sum(a < b for a, b in zip(ours, theirs, strict=True)) / len(ours)
             results[f"vla_pruner closer than {baseline} {retain:g}"] = round(wins, 3)
@@ -149,15 +150,23 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=8, help="chunks per episode, warm-up included")
     parser.add_argument("--steps-per-chunk", type=int, default=10, help="actions executed per chunk")
     parser.add_argument("--cuts", nargs="+", default=["before", "inside"])
+    parser.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=SELECTIONS)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--merge", action="store_true",
+                        help="add these envs / cuts / selections to the existing report at --out")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
     keyword, spec = REAL_DIMS[args.policy]
-    report: dict[str, Any] = {"policy": f"{args.policy} at real dimensions ({spec}), random weights, fp32",
-                              "protocol": " ".join(__doc__.split("Protocol, ")[1].split("One policy")[0].split()),
-                              "chunks_per_episode": args.chunks, "steps_per_chunk": args.steps_per_chunk,
-                              "envs": {}}
+    out = Path(args.out or f"benchmarks/results/vla_fidelity_{args.policy}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.exists():  # add envs to an earlier run's report
+        report = json.loads(out.read_text())
+    else:
+        report = {"policy": f"{args.policy} at real dimensions ({spec}), random weights, fp32",
+                  "protocol": " ".join(__doc__.split("Protocol, ")[1].split("One policy")[0].split()),
+                  "episodes_per_env": args.episodes, "chunks_per_episode": args.chunks,
+                  "steps_per_chunk": args.steps_per_chunk, "envs": {}}
     for env_name in args.envs:
         start = time.perf_counter()
         policy, pre, post = load_pruned_policy(args.policy, "tiny", policy_features_for(env_name),
@@ -169,13 +178,16 @@ def main() -> None:
                     for seed in range(args.episodes)]
         print(f"  reference: {sum(len(e.batches) for e in episodes)} chunks", flush=True)
         warmup = policy.config.importance_window
-        report["envs"][env_name] = {"top_k_overlap_unpruned": score_overlaps(episodes)}
-        print(f"  {report['envs'][env_name]}", flush=True)
-        report["envs"][env_name].update({cut: compare(policy, episodes, noise, cut, warmup) for cut in args.cuts})
-        del policy  # pi0 at real size: free 16 GB before the next build
-    out = Path(args.out or f"benchmarks/results/vla_fidelity_{args.policy}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+        env_report = report["envs"].setdefault(env_name, {})
+        env_report["top_k_overlap_unpruned"] = score_overlaps(episodes)
+        print(f"  {env_report}", flush=True)
+        for cut in args.cuts:
+            env_report.setdefault(cut, {}).update(compare(policy, episodes, noise, cut, warmup, tuple(args.selections)))
+        out.write_text(json.dumps(report, indent=2))  # after each env: a long run keeps what it measured
+        # pi0 at real size is 16 GB: free it before the next build. The pruner's hooks and the model refer
+        # to each other, so only the cycle collector frees them.
+        del policy, pre, post, episodes
+        gc.collect()
     print(json.dumps(report, indent=2))
 
 

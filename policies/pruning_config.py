@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from streamprune.errors import ConfigError
+from streamprune.reduce.vla import SELECTIONS
 
 CUTS = ("before", "inside")
-SELECTIONS = ("vla_pruner", "semantic", "random")
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ class PruningConfigMixin:
     # Temporal smoothing of the action-level importance: the last W chunks, newest weighted most.
     importance_window: int = 3
     importance_decay: float = 0.8
-    # "vla_pruner" (semantic ∪ action, diversity trim) or the baselines "semantic" and "random"; all of them
-    # wait the same W warm-up chunks, so the baselines are compared on the same chunks.
+    # "vla_pruner" (semantic ∪ action, diversity trim), the baselines "semantic" (FastV-style) and "random", or
+    # the ablation "action" (smoothed action importance alone); all of them wait the same W warm-up chunks,
+    # so they are compared on the same chunks.
     selection: str = "vla_pruner"
 
     def pruning_options(self) -> PruningOptions:

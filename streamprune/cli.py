@@ -12,7 +12,7 @@ from streamprune.errors import ConfigError, StreamPruneError
 from streamprune.fidelity import run_fidelity
 from streamprune.live import LiveOptions, run_stream
 from streamprune.models.inner_stage import InnerConfig
-from streamprune.policy_eval import PolicyEvalOptions, run_policy_eval
+from streamprune.policy_eval import CUTS, POLICIES, SELECTIONS, PolicyEvalOptions, run_policy_eval
 from streamprune.reduce import METHODS
 from streamprune.summarize import DEFAULT_PROMPT, SummarizeOptions, SummaryReport, summarize
 
@@ -106,16 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev = pol_sub.add_parser("eval", help="run a pruned VLA policy in a simulated environment",
                             description="Run a pruned lerobot policy (VLA-Pruner) in PushT, ALOHA or LIBERO: success rate, "
                                         "reward, per-chunk latency, tokens kept, and a video with kept tokens.")
-    ev.add_argument("--policy", required=True, choices=["smolvla", "pi0", "pi05"])
+    ev.add_argument("--policy", required=True, choices=POLICIES)
     ev.add_argument("--policy-path", default="tiny", help="hub ID, local folder, or 'tiny' (random weights) [tiny]")
     # a metavar, so that argparse lists the choices only when printing help
     ev.add_argument("--env", required=True, choices=_SimEnvNames(), metavar="ENV", help="simulated environment: %(choices)s")
     ev.add_argument("--episodes", type=int, default=1)
     ev.add_argument("--retain", type=_ratio, default=0.25, help="fraction of visual tokens kept [0.25]")
-    ev.add_argument("--cut", default="before", choices=["before", "inside"],
+    ev.add_argument("--cut", default="before", choices=CUTS,
                     help="prune before the VLM (prefix) or inside it at layer K [before]")
-    ev.add_argument("--selection", default="vla_pruner", choices=["vla_pruner", "semantic", "random"],
-                    help="token selection: VLA-Pruner's dual-level, or the semantic/random baselines")
+    ev.add_argument("--selection", default="vla_pruner", choices=SELECTIONS,
+                    help="token selection: VLA-Pruner's dual-level, the semantic (FastV-style) or random baselines, "
+                         "or action-only (ablation) [vla_pruner]")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--max-steps", type=int, help="cap each episode at this many control steps")
     ev.add_argument("--n-action-steps", type=int, help="actions executed per predicted chunk")

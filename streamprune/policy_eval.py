@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from streamprune.errors import ConfigError
+from streamprune.reduce.vla import SELECTIONS
 
 POLICIES = ("smolvla", "pi0", "pi05")
 CUTS = ("before", "inside")
-SELECTIONS = ("vla_pruner", "semantic", "random")
 
 
 @dataclass
@@ -33,6 +33,8 @@ class PolicyEvalOptions:
             raise ConfigError(f"--retain must be in (0, 1], got {self.retain}")
         if self.cut not in CUTS:
             raise ConfigError(f"unknown --cut {self.cut!r}; choose one of: {', '.join(CUTS)}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"unknown --selection {self.selection!r}; choose one of: {', '.join(SELECTIONS)}")
         if self.episodes < 1:
             raise ConfigError(f"--episodes must be at least 1, got {self.episodes}")
         if self.max_steps is not None and self.max_steps < 1:

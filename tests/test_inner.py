@@ -179,7 +179,9 @@ def test_cached_decode_equals_nocache_recomputation(decoder_model, mode, batch):
         assert stage.tokens_after == embeds.shape[1] - 20
         stage.freeze = True  # replay the prefill's plan on every full-sequence forward
         recomputed = nocache_logits(model, embeds, mask, tokens)
-    assert torch.allclose(logits, recomputed, atol=1e-4, rtol=1e-4), (logits - recomputed).abs().max()
+    # fp32 rounding differs between the cached and the full-sequence shapes (the unreduced model alone differs
+    # by ~3e-5 at logits of ~10, merged rows by up to 2e-4 on an AMD EPYC); a wrong mask or position is ≫ 1e-2
+    assert torch.allclose(logits, recomputed, atol=5e-4, rtol=1e-4), (logits - recomputed).abs().max()
     assert torch.equal(logits.argmax(-1), tokens)
     assert not torch.allclose(logits[:, 0], nocache_logits(model, embeds, mask, ref_tokens)[:, 0])  # it did act
 

@@ -43,9 +43,15 @@ def test_other_policies_and_cuts_on_pusht(policy, cut):
     assert result["episodes"][0]["tokens_kept"][-1] == result["episodes"][0]["tokens_total"][-1] // 2
 
 
-def test_smolvla_aloha_insertion_runs():
-    result = eval_json("--policy", "smolvla", "--env", "aloha-insertion", "--max-steps", "4", "--n-action-steps", "2")
-    assert result["steps"] == 4 and result["chunks"] == 2 and result["env"] == "aloha-insertion"
+@pytest.mark.parametrize("policy,env,cut", [("smolvla", "aloha-insertion", "before"),
+                                            ("pi0", "aloha-transfer", "inside"), ("pi05", "aloha-insertion", "inside")])
+def test_aloha_episodes_run_and_prune_after_warmup(policy, env, cut):
+    """14-dim bimanual state and the 480×640 top camera; 4 chunks: 3 warm-up, then the budget."""
+    result = eval_json("--policy", policy, "--env", env, "--cut", cut, "--retain", "0.25", "--max-steps", "8",
+                       "--n-action-steps", "2")
+    assert result["steps"] == 8 and result["chunks"] == 4 and result["env"] == env and result["cut"] == cut
+    kept, total = result["episodes"][0]["tokens_kept"], result["episodes"][0]["tokens_total"]
+    assert kept[:3] == total[:3] and kept[3] == total[3] // 4
 
 
 def test_smolvla_libero_spatial_runs():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: nothing may download
 
@@ -12,6 +13,8 @@ from contextlib import contextmanager  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from lerobot.configs import FeatureType, PolicyFeature  # noqa: E402
+from lerobot.policies.common.flow_matching import euler_integrate  # noqa: E402
+from lerobot.policies.common.vla_utils import make_att_2d_masks, prepare_attention_masks_4d  # noqa: E402
 from lerobot.policies.pi05.configuration_pi05 import PI05Config  # noqa: E402
 from lerobot.policies.pi05.modeling_pi05 import PI05Policy  # noqa: E402
 
@@ -21,6 +24,7 @@ from policies.pi05_pruned import PI05PrunedConfig, PI05PrunedPolicy  # noqa: E40
 from policies.tiny_features import PUSHT_INPUTS  # noqa: E402
 from policies.tiny_pi0 import build_tiny_pi0  # noqa: E402
 from streamprune.errors import ConfigError  # noqa: E402
+from streamprune.reduce.vla import budget  # noqa: E402
 
 WINDOW = 3
 TOKENS = 256
@@ -176,6 +180,77 @@ def test_inside_cut_matches_masking_the_full_cache(request, family):
             hook.remove()
     assert not torch.allclose(masked_actions, chunk(base, pre, 1), atol=1e-4)  # the masking matters
     torch.testing.assert_close(pruned_actions, masked_actions, atol=1e-5, rtol=1e-4)
+
+
+def no_cache_chunk(policy, batch: dict, noise: torch.Tensor, keep: torch.Tensor | None, layer_k: int,
+                   monkeypatch) -> torch.Tensor:
+    """The action chunk recomputed without a KV cache: each Euler step runs prefix and suffix jointly through
+    lerobot's own layer function (`compute_layer_complete`, its training path), and from `layer_k` on the prefix
+    rows and columns outside `keep` [B, L'] (kept prefix positions; None = keep all) are dropped, with the
+    original positions. Shares no code with the pruner's cached path (caches, crops, expert-mask hooks)."""
+    model = policy.model
+    lerobot_model = next(c for c in type(model).__mro__ if c.__module__.startswith("lerobot."))
+    modeling = sys.modules[lerobot_model.__module__]
+    vlm_layers = list(model.paligemma_with_expert.paligemma.model.language_model.layers)
+    original = modeling.compute_layer_complete
+
+    images, img_masks = policy._preprocess_images(batch)
+    tokens, masks = batch["observation.language.tokens"], batch["observation.language.attention_mask"]
+    prefix, prefix_pad, prefix_att = lerobot_model.embed_prefix(model, images, img_masks, tokens, masks)
+    length = prefix.shape[1]
+    with_state = lerobot_model.__name__ == "PI0Pytorch"  # pi05's suffix carries no state token
+    state = policy.prepare_state(batch) if with_state else None
+
+    def layer_with_cut(inputs_embeds, attention_mask, position_ids, adarms_cond, layers, rotary_emb):
+        if keep is not None and vlm_layers.index(layers[0]) >= layer_k:
+            index = torch.cat([keep, torch.arange(length, attention_mask.shape[-1]).expand(keep.shape[0], -1)], 1)
+            if inputs_embeds[0].shape[1] == length:  # layer K: drop the prefix rows once
+                inputs_embeds = [gather_rows(inputs_embeds[0], keep), inputs_embeds[1]]
+            mask = attention_mask.squeeze(1)  # every layer gets the full mask and positions: take ours
+            attention_mask = gather_rows(gather_rows(mask, index, 1), index, 2).unsqueeze(1)
+            position_ids = position_ids.gather(1, index)
+        return original(inputs_embeds, attention_mask, position_ids, adarms_cond, layers, rotary_emb)
+
+    def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        suffix, suffix_pad, suffix_att, adarms = (model.embed_suffix(state, x_t, t) if with_state
+                                                  else model.embed_suffix(x_t, t))
+        pad, att = torch.cat([prefix_pad, suffix_pad], 1), torch.cat([prefix_att, suffix_att], 1)
+        mask = prepare_attention_masks_4d(make_att_2d_masks(pad, att))
+        (_, out), _ = model.paligemma_with_expert.forward(
+            attention_mask=mask, position_ids=pad.cumsum(1) - 1, past_key_values=None,
+            inputs_embeds=[prefix, suffix], use_cache=False, adarms_cond=[None, adarms])
+        return model.action_out_proj(out[:, -policy.config.chunk_size:].float())
+
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling, "compute_layer_complete", layer_with_cut)
+        actions = euler_integrate(velocity, noise, policy.config.num_inference_steps)
+    return actions[:, :, :policy.config.output_features["action"].shape[0]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inside_cut_rollout_matches_no_cache_recomputation(request, family, monkeypatch):
+    """A pruned chunk through the per-layer caches (L prefix keys in layers < K, L' in layers ≥ K, every
+    denoising step cropping back) equals recomputing prefix + suffix jointly at every step without a cache,
+    pruned at layer K with the same kept set. Unpruned, the two paths agree too (the control)."""
+    fixture, policy_cls, config_cls = FAMILIES[family]
+    base, pre = request.getfixturevalue(fixture)
+    policy, _, _ = build_tiny_pi0(policy_cls, config_cls, retain=0.25, cut="inside", importance_window=1)
+    config = policy.config
+    noise = torch.randn(1, config.chunk_size, config.max_action_dim, generator=torch.Generator().manual_seed(5))
+    batch = pre(observation(1))
+    chunk(policy, pre, 0)  # the warm-up chunk
+    pruned_actions = policy.predict_action_chunk(dict(batch), noise=noise)
+    kept = policy.last_kept["observation.image"]  # [1, k] grid positions = prefix positions (one camera first)
+    assert kept.shape == (1, budget(TOKENS, 0.25))
+    text = torch.arange(TOKENS, TOKENS + config.tokenizer_max_length).expand(1, -1)
+
+    recomputed = no_cache_chunk(policy, dict(batch), noise, torch.cat([kept, text], 1), config.prune_layer,
+                                monkeypatch)
+    torch.testing.assert_close(pruned_actions, recomputed, atol=1e-5, rtol=1e-4)
+    unpruned = base.predict_action_chunk(dict(batch), noise=noise)
+    torch.testing.assert_close(no_cache_chunk(base, dict(batch), noise, None, 0, monkeypatch), unpruned,
+                               atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(pruned_actions, unpruned, atol=1e-3)  # the cut changed the actions
 
 
 def test_gather_rows_picks_per_batch_rows():

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from policies.pruning_config import PruningOptions
 from streamprune.importance import ImportanceState, carry_over
-from streamprune.reduce.vla import budget, dual_level_select
+from streamprune.reduce.vla import budget, select_tokens
 
 
 def gather_rows(x: Tensor, index: Tensor, dim: int = 1) -> Tensor:
@@ -149,10 +149,8 @@ class VisualTokenPruner:
 
     def _select_one(self, features: Tensor, semantic: Tensor, action: Tensor, k: int) -> Tensor:
         """Sorted kept grid positions [k] of one image: features [n, D], scores [n]."""
-        if self.options.selection == "random":
-            return torch.randperm(len(semantic), generator=self.generator)[:k].sort().values
-        action = action if self.options.selection == "vla_pruner" else None
-        return dual_level_select(features.detach().cpu(), semantic.cpu(), None if action is None else action.cpu(), k)
+        return select_tokens(self.options.selection, features.detach().cpu(), semantic.cpu(), action.cpu(), k,
+                             self.generator)
 
     def _record_kept(self, kept: list[Tensor] | None, k: int) -> None:
         n = self.tokens_per_image

@@ -20,8 +20,8 @@ Tokens missing from a recorded step (cut "before": dropped tokens are never seen
 and the seen ones are rescaled to their previous total (`streamprune.importance.carry_over`) so that both stay
 comparable.
 
-Selection (k = budget(64, retain) per camera): `dual_level_select` on the connector features, or semantic
-top-k, or seeded random. The first `importance_window` chunks of an episode run unpruned.
+Selection (k = budget(64, retain) per camera): `select_tokens` on the connector features — `dual_level_select`,
+or the semantic-only, action-only or seeded random baselines. The first `importance_window` chunks of an episode run unpruned.
 - cut "before": the current chunk's semantic scores exist only after its prefix pass, so the *previous*
   chunk's semantic scores are used; kept tokens are renumbered contiguously (lerobot's cumsum positions).
 - cut "inside": the current chunk's layer-K−1 semantic scores are used; from layer K on, the prefix keeps
@@ -41,7 +41,7 @@ from torch import Tensor
 
 from streamprune.errors import ConfigError
 from streamprune.importance import ImportanceState, carry_over
-from streamprune.reduce.vla import budget, dual_level_select
+from streamprune.reduce.vla import budget, select_tokens
 
 from .configuration_smolvla_pruned import SmolVLAPrunedConfig
 
@@ -342,13 +342,9 @@ class SmolVLAPrunedPolicy(SmolVLAPolicy):
 
     def select(self, camera: str, features: Tensor, semantic: Tensor) -> Tensor:
         """Kept grid indices [B, k] from features [B, 64, D] and semantic scores [B, 64]."""
-        k = self.budget
-        if self.config.selection == "random":
-            rows = [torch.randperm(GRID, generator=self.generator)[:k].sort().values for _ in features]
-        else:
-            action = self.action_importance[camera].value() if self.config.selection == "vla_pruner" else None
-            rows = [dual_level_select(f, s, action, k) for f, s in zip(features, semantic, strict=True)]
-        return torch.stack(rows)
+        action = self.action_importance[camera].value()  # [64], the batch's shared history
+        return torch.stack([select_tokens(self.config.selection, f, s, action, self.budget, self.generator)
+                            for f, s in zip(features, semantic, strict=True)])
 
     @contextmanager
     def pruning(self, cameras: list[str], keep: dict[str, Tensor] | None = None) -> Iterator[ChunkPruner]:

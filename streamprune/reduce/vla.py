@@ -7,12 +7,16 @@ Shapes: M visual tokens of one image (or all cameras of one step), D feature wid
 3. redundancy: if |C| > k, keep the k tokens of C that maximise the minimum pairwise cosine distance
    (greedy max–min diversity: start from the token farthest from its nearest neighbour in C, then add
    the token farthest from the chosen set).
+`select_tokens` also gives the baselines at the same budget: semantic-only (FastV-style: what the language
+attends to now), action-only (the smoothed action importance alone: the paper's ablation) and random.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+SELECTIONS = ("vla_pruner", "semantic", "action", "random")
 
 
 def max_min_diversity(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,6 +53,24 @@ def dual_level_select(features: torch.Tensor, semantic: torch.Tensor, action: to
     if len(candidates) > k:
         candidates = candidates[max_min_diversity(features[candidates], k)]
     return candidates.sort().values
+
+
+def select_tokens(selection: str, features: torch.Tensor, semantic: torch.Tensor, action: torch.Tensor | None,
+                  k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """k sorted indices of one image's visual tokens by `selection` (one of SELECTIONS).
+
+    features [M, D], semantic [M], action [M] (smoothed; None before any history: vla_pruner and action then
+    fall back to semantic); `generator` drives "random".
+    """
+    if selection == "random":
+        return torch.randperm(features.shape[0], generator=generator)[:k].sort().values
+    if selection == "semantic" or action is None:
+        return dual_level_select(features, semantic, None, k)
+    if selection == "action":
+        return dual_level_select(features, action, None, k)
+    if selection == "vla_pruner":
+        return dual_level_select(features, semantic, action, k)
+    raise ValueError(f"unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
 
 
 def budget(num_tokens: int, retain: float) -> int:
