@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.machine import describe
 from policies.smolvla_pruned import SmolVLAPrunedConfig, SmolVLAPrunedPolicy
 from policies.tiny_smolvla import build_tiny_smolvla
 from streamprune.models.tiny import CONFIG_DIR
@@ -117,7 +118,7 @@ def main() -> None:
                          "visual_tokens": tokens[k]} for k, v in latency.items()}
 
     report = {"policy": "SmolVLA, SmolVLM2-500M dims (16 VLM layers), random weights, fp32, 1 camera 64 tokens",
-              "machine": "2 threads", "breakdown_unpruned": time_breakdown(base, pre, steps[0], noise),
+              "machine": describe(), "breakdown_unpruned": time_breakdown(base, pre, steps[0], noise),
               "latency": latency_table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

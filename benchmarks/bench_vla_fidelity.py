@@ -32,6 +32,7 @@ from lerobot.envs.factory import make_env_pre_post_processors
 from lerobot.envs.utils import NEW_ROLLOUT_OPTION, preprocess_observation
 from lerobot.utils.constants import ACTION
 
+from benchmarks.machine import describe
 from envs.sim import make_sim, policy_features_for, task_descriptions
 from policies.loading import load_pruned_policy
 from streamprune.models.tiny import CONFIG_DIR
@@ -152,10 +153,11 @@ def main() -> None:
     parser.add_argument("--cuts", nargs="+", default=["before", "inside"])
     parser.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=SELECTIONS)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when two runs share the 2 cores)")
     parser.add_argument("--merge", action="store_true",
                         help="add these envs / cuts / selections to the existing report at --out")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     keyword, spec = REAL_DIMS[args.policy]
     out = Path(args.out or f"benchmarks/results/vla_fidelity_{args.policy}.json")
@@ -164,6 +166,7 @@ def main() -> None:
         report = json.loads(out.read_text())
     else:
         report = {"policy": f"{args.policy} at real dimensions ({spec}), random weights, fp32",
+                  "machine": describe(),
                   "protocol": " ".join(__doc__.split("Protocol, ")[1].split("One policy")[0].split()),
                   "episodes_per_env": args.episodes, "chunks_per_episode": args.chunks,
                   "steps_per_chunk": args.steps_per_chunk, "envs": {}}

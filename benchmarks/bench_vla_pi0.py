@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_vla import WARMUP, chunk, observations, time_breakdown
+from benchmarks.machine import describe
 from policies.pi0_pruned import PI0PrunedConfig, PI0PrunedPolicy
 from policies.tiny_pi0 import build_tiny_pi0
 from streamprune.models.tiny import CONFIG_DIR
@@ -57,7 +58,7 @@ def main() -> None:
     split = time_breakdown(policy, pre, steps[WARMUP], noise, backbone="paligemma_with_expert")
     base = statistics.median(times["unpruned"])
     report = {"policy": "pi0 (gemma_2b VLM + gemma_300m expert, SigLIP so400m), random weights, fp32, 1 camera",
-              "machine": "2 threads", "breakdown_unpruned": split,
+              "machine": describe(), "breakdown_unpruned": split,
               "latency": {name: {"chunk_s": round(statistics.median(v), 2),
                                  "speedup": round(base / statistics.median(v), 3), "visual_tokens": tokens[name]}
                           for name, v in times.items()}}

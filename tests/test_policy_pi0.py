@@ -15,15 +15,20 @@ import torch  # noqa: E402
 from lerobot.configs import FeatureType, PolicyFeature  # noqa: E402
 from lerobot.policies.common.flow_matching import euler_integrate  # noqa: E402
 from lerobot.policies.common.vla_utils import make_att_2d_masks, prepare_attention_masks_4d  # noqa: E402
+from lerobot.policies.pi0.configuration_pi0 import PI0Config  # noqa: E402
+from lerobot.policies.pi0.modeling_pi0 import PI0Policy  # noqa: E402
 from lerobot.policies.pi05.configuration_pi05 import PI05Config  # noqa: E402
 from lerobot.policies.pi05.modeling_pi05 import PI05Policy  # noqa: E402
 
+from policies.loading import load_pruned_policy  # noqa: E402
 from policies.pi0_pruned import PI0PrunedConfig, PI0PrunedPolicy  # noqa: E402
 from policies.pi0_pruned.pruning import gather_rows  # noqa: E402
 from policies.pi05_pruned import PI05PrunedConfig, PI05PrunedPolicy  # noqa: E402
 from policies.tiny_features import PUSHT_INPUTS  # noqa: E402
-from policies.tiny_pi0 import build_tiny_pi0  # noqa: E402
-from streamprune.errors import ConfigError  # noqa: E402
+from policies.tiny_pi0 import PI0 as PI0_FAMILY  # noqa: E402
+from policies.tiny_pi0 import PI05 as PI05_FAMILY  # noqa: E402
+from policies.tiny_pi0 import build_tiny_pi0, load_spec, tiny_pi0_patches  # noqa: E402
+from streamprune.errors import ConfigError, ModelError  # noqa: E402
 from streamprune.reduce.vla import budget  # noqa: E402
 
 WINDOW = 3
@@ -66,6 +71,7 @@ def reference05():
 
 FAMILIES = {"pi0": ("reference", PI0PrunedPolicy, PI0PrunedConfig),
             "pi05": ("reference05", PI05PrunedPolicy, PI05PrunedConfig)}
+BASES = {"pi0": (PI0Policy, PI0Config, PI0_FAMILY), "pi05": (PI05Policy, PI05Config, PI05_FAMILY)}
 
 
 def chunk(policy, pre, step: int, seed: int | None = None, cameras=PUSHT_INPUTS) -> torch.Tensor:
@@ -137,6 +143,24 @@ def test_cuts_and_baselines_keep_the_budget(request, family, cut, selection):
                                   importance_window=1)
     run_and_check(policy, pre, 0, pruning=False)
     run_and_check(policy, pre, 1, pruning=True)
+
+
+@pytest.mark.parametrize("cut,layer", [("before", 3), ("inside", 2)])
+def test_tokens_a_pruned_chunk_did_not_see_keep_their_action_score(reference, cut, layer):
+    """Action importance comes from the later half of the expert (layers 2 and 3 of 4). Both see only the kept
+    tokens here: the dropped ones keep last chunk's score and the kept ones share their previous total."""
+    _, pre = reference
+    policy, _, _ = build_tiny_pi0(PI0PrunedPolicy, PI0PrunedConfig, retain=0.25, cut=cut, prune_layer=layer,
+                                  importance_window=1)
+    chunk(policy, pre, 0)  # warm-up: every token seen
+    previous = policy.last_scores()["observation.image"][1][0].clone()
+    chunk(policy, pre, 1)
+    dropped = torch.ones(TOKENS, dtype=torch.bool)
+    dropped[policy.last_kept["observation.image"][0]] = False
+    now = policy.last_scores()["observation.image"][1][0]
+    assert int(dropped.sum()) == TOKENS - 64 and torch.equal(now[dropped], previous[dropped])
+    assert not torch.allclose(now[~dropped], previous[~dropped])
+    torch.testing.assert_close(now[~dropped].sum(), previous[~dropped].sum())
 
 
 def test_two_cameras_each_keep_their_budget():
@@ -295,3 +319,28 @@ def test_bad_reconfiguration_changes_nothing():
             policy.configure_pruning(**bad)
     assert (policy.config.retain, policy.config.cut, policy.config.prune_layer) == (0.5, "before", 3)
     assert policy.pruner.options == policy.config.pruning_options()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_saved_unpruned_checkpoint_loads_as_the_pruned_policy(request, family, tmp_path):
+    """The path users take with `--policy-path lerobot/pi0_base` or a folder: a plain PI0Policy / PI05Policy
+    folder and its processors, loaded by `load_pruned_policy` as the pruned type with the same weights. The
+    tiny architecture is not expressible in a PI0Config (module docstring of `policies.tiny_pi0`), so the
+    load runs under the tiny build's patches; the loading code is lerobot's own."""
+    fixture, pruned_cls, _ = FAMILIES[family]
+    base_cls, base_config, modules = BASES[family]
+    base, pre = request.getfixturevalue(fixture)
+    _, _, post = build_tiny_pi0(base_cls, base_config)
+    for part in (base, pre, post):
+        part.save_pretrained(tmp_path)
+    with tiny_pi0_patches(load_spec(), modules):
+        policy, loaded_pre, _ = load_pruned_policy(family, str(tmp_path), {}, retain=1.0, importance_window=1)
+    assert type(policy) is pruned_cls and policy.config.type == f"{family}_pruned"
+    assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), base.state_dict().values(), strict=True))
+    for step in range(2):  # the second chunk runs past the warm-up, keeping all tokens at retain 1.0
+        assert torch.equal(chunk(policy, loaded_pre, step), chunk(base, pre, step))
+    policy.configure_pruning(retain=0.25)
+    chunk(policy, loaded_pre, 2)
+    assert policy.tokens_kept == 64
+    with pytest.raises(ModelError, match="not a SmolVLAConfig"):  # a pi0 folder is not a SmolVLA checkpoint
+        load_pruned_policy("smolvla", str(tmp_path), {})

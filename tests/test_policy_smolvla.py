@@ -182,6 +182,23 @@ def test_inside_cut_cache_matches_no_cache_recomputation(baseline, two_cameras, 
     torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cut,layer", [("before", 3), ("inside", 2)])
+def test_tokens_a_pruned_chunk_did_not_see_keep_their_action_score(baseline, cut, layer):
+    """Action importance comes from the later half of the layers (2 and 3 of 4). Both see only the kept tokens
+    here: the dropped ones keep last chunk's score and the kept ones share their previous total."""
+    pre = baseline[1]
+    policy = pruned(baseline, retain=0.25, cut=cut, prune_layer=layer, importance_window=1)
+    policy.predict_action_chunk(observation(pre, 0), noise=noise(0))  # warm-up: every token seen
+    previous = policy.last_scores()[CAMERA][1][0].clone()
+    policy.predict_action_chunk(observation(pre, 1), noise=noise(1))
+    dropped = torch.ones(64, dtype=torch.bool)
+    dropped[policy.last_kept[CAMERA][0]] = False
+    now = policy.last_scores()[CAMERA][1][0]
+    assert int(dropped.sum()) == 48 and torch.equal(now[dropped], previous[dropped])
+    assert not torch.allclose(now[~dropped], previous[~dropped])
+    torch.testing.assert_close(now[~dropped].sum(), previous[~dropped].sum())
+
+
 @pytest.mark.parametrize("bad", [{"retain": 0.0}, {"retain": 1.5}, {"cut": "after"}, {"prune_layer": 0},
                                  {"prune_layer": 16}, {"importance_window": 0}, {"importance_decay": 1.2},
                                  {"selection": "fastv"}])

@@ -13,15 +13,15 @@ Importance (per camera, 64 tokens on the 8×8 grid):
 - semantic: attention from the valid language queries to the camera's visual keys in the prefix pass at VLM
   layer K−1, averaged over language queries and heads;
 - action: attention from the 50 action queries to the camera's visual keys while denoising, averaged over heads,
-  action queries, all denoising steps and the expert layers that see the visual keys — every layer for cut
-  "before", layers < K for cut "inside" (these keep all 64 tokens, so pruned tokens are still scored).
-  Recorded once per chunk (batch mean) into an `ImportanceState` (decaying window, w, γ).
-Tokens missing from a recorded step (cut "before": dropped tokens are never seen) keep their last observed score,
-and the seen ones are rescaled to their previous total (`streamprune.importance.carry_over`) so that both stay
-comparable.
+  action queries, all denoising steps and the later half of the layers (VLA-Pruner's "later-half layers"; the
+  same rule as pi0/pi05). Recorded once per chunk (batch mean) into an `ImportanceState` (decaying window, w, γ).
+Tokens missing from a recorded step (pruned away: every layer for cut "before", layers ≥ K for cut "inside") keep
+their last observed score, and the seen ones are rescaled to their previous total
+(`streamprune.importance.carry_over`) so that both stay comparable.
 
 Selection (k = budget(64, retain) per camera): `select_tokens` on the connector features — `dual_level_select`,
-or the semantic-only, action-only or seeded random baselines. The first `importance_window` chunks of an episode run unpruned.
+or the semantic-only, action-only or seeded random baselines. The first `importance_window` chunks of an episode
+run unpruned.
 - cut "before": the current chunk's semantic scores exist only after its prefix pass, so the *previous*
   chunk's semantic scores are used; kept tokens are renumbered contiguously (lerobot's cumsum positions).
 - cut "inside": the current chunk's layer-K−1 semantic scores are used; from layer K on, the prefix keeps
@@ -79,13 +79,15 @@ class ChunkPruner:
 
     cameras: names of the prefix images in order; active: prune this chunk (else only record);
     select: the policy's selection rule; prior_semantic: last chunk's semantic grid per camera [64] (cut
-    "before"); keep: fixed kept indices per camera [B, k] that bypass selection (replays, tests).
+    "before"); depth: VLM layers (the expert runs alongside each); keep: fixed kept indices per camera [B, k]
+    that bypass selection (replays, tests).
     """
 
     def __init__(self, config: SmolVLAPrunedConfig, cameras: list[str], active: bool, select: Selector,
-                 prior_semantic: dict[str, Tensor], keep: dict[str, Tensor] | None = None) -> None:
+                 prior_semantic: dict[str, Tensor], depth: int, keep: dict[str, Tensor] | None = None) -> None:
         self.cut = config.cut
         self.layer_k = config.prune_layer
+        self.action_layers = range(depth // 2, depth)
         self.image_extra = (2, 1) if config.add_image_special_tokens else (0, 0)  # special tokens around an image
         self.cameras = cameras
         self.active = active or keep is not None
@@ -94,8 +96,8 @@ class ChunkPruner:
         self.keep: dict[str, Tensor] = dict(keep or {})
         self.features: list[Tensor] = []  # connector output per camera [B, 64, D]
         self.semantic: dict[str, Tensor] = {}  # [B, 64], NaN where unseen
-        self.action_sum: dict[str, Tensor] = {}  # [B, 64] summed over recorded calls
-        self.action_calls = 0
+        self.action_sum: dict[str, Tensor] = {}  # [B, 64] summed over recorded calls where seen
+        self.action_seen: dict[str, Tensor] = {}  # [B, 64] how many of those calls saw each token
         self.keep_full: Tensor | None = None  # cut "inside": kept prefix positions [B, P']
         self.lang_masks: Tensor | None = None
         self.layer = -1
@@ -112,9 +114,14 @@ class ChunkPruner:
     def pruned_before(self) -> bool:
         return self.active and self.cut == "before"
 
+    def sees_pruned(self) -> bool:
+        """The current layer's keys hold only the kept visual tokens: every layer for cut "before", layers ≥ K
+        for cut "inside"."""
+        return self.pruned_before() or (self.active and self.cut == "inside" and self.layer >= self.layer_k)
+
     def kept(self, camera: str, batch: int) -> Tensor:
-        """Grid indices present in the prefix for `camera` [B, m]."""
-        if self.pruned_before():
+        """Grid indices present in the current layer's keys for `camera` [B, m]."""
+        if self.sees_pruned():
             return self.keep[camera]
         return torch.arange(GRID).expand(batch, GRID)
 
@@ -128,8 +135,8 @@ class ChunkPruner:
         return starts, pos
 
     def recorded_sizes(self) -> list[int]:
-        """Visual tokens per camera in the keys that scores are read from (see the module docstring)."""
-        if self.pruned_before():
+        """Visual tokens per camera in the current layer's keys (see the module docstring)."""
+        if self.sees_pruned():
             return [self.keep[c].shape[1] for c in self.cameras]
         return [GRID] * len(self.cameras)
 
@@ -191,7 +198,7 @@ class ChunkPruner:
         """Every eager-attention call: record semantic (prefix, layer K−1) or action (denoising) scores."""
         if self.stage == "prefix" and self.layer == self.layer_k - 1:
             self.record_semantic(mask, q, k)
-        elif self.stage == "denoise" and (self.cut == "before" or self.layer < self.layer_k):
+        elif self.stage == "denoise" and self.layer in self.action_layers:
             self.record_action(mask, q, k)
 
     def record_semantic(self, mask: Tensor, q: Tensor, k: Tensor) -> None:
@@ -210,8 +217,9 @@ class ChunkPruner:
         per_key = attention_probs(mask, q, k).mean((1, 2))  # [B, K]
         for camera, start, m in zip(self.cameras, starts, self.recorded_sizes(), strict=True):
             grid = to_grid(per_key[:, start:start + m], self.kept(camera, q.shape[0]))
-            self.action_sum[camera] = grid if camera not in self.action_sum else self.action_sum[camera] + grid
-        self.action_calls += 1
+            seen = ~grid.isnan()
+            self.action_sum[camera] = self.action_sum.get(camera, 0) + grid.nan_to_num(0.0)
+            self.action_seen[camera] = self.action_seen.get(camera, 0) + seen
 
     # -- hook called by PrunableFlowMatching ---------------------------------------------------------
     def restore_cache(self, cache) -> None:
@@ -223,8 +231,9 @@ class ChunkPruner:
             layer.crop(self.keep_full.shape[1])
 
     def action_scores(self, camera: str) -> Tensor:
-        """This chunk's action grid [B, 64] (NaN where unseen)."""
-        return self.action_sum[camera] / max(self.action_calls, 1)
+        """This chunk's action grid [B, 64]: the mean over the calls that saw each token, NaN where none did."""
+        seen = self.action_seen[camera]
+        return torch.where(seen > 0, self.action_sum[camera] / seen.clamp_min(1), float("nan"))
 
 
 class PrunableVLMWithExpert(SmolVLMWithExpertModel):
@@ -349,7 +358,8 @@ class SmolVLAPrunedPolicy(SmolVLAPolicy):
     @contextmanager
     def pruning(self, cameras: list[str], keep: dict[str, Tensor] | None = None) -> Iterator[ChunkPruner]:
         """Install a ChunkPruner for the model calls inside the block (prunes once warmed up, or with `keep`)."""
-        pruner = ChunkPruner(self.config, cameras, self.ready(cameras), self.select, self.seen_semantic, keep)
+        pruner = ChunkPruner(self.config, cameras, self.ready(cameras), self.select, self.seen_semantic,
+                             self.model.vlm_with_expert.num_vlm_layers, keep)
         self.model.vlm_with_expert.pruner = pruner
         try:
             yield pruner
