@@ -16,4 +16,5 @@ def describe() -> str:
             model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{model}, {os.cpu_count()} cores, {threads} thread{'s' * (threads != 1)}, torch {torch.__version__}"
