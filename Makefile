@@ -30,7 +30,7 @@ bench-vla-pi0: setup
 
 bench-vla-fidelity: setup
 	.venv/bin/python -m benchmarks.bench_vla_fidelity --policy smolvla
-	.venv/bin/python -m benchmarks.bench_vla_fidelity --policy pi0
+	.venv/bin/python -m benchmarks.bench_vla_fidelity --policy pi0 --episodes 1 --chunks 9
 
 bench-fidelity: setup
 	.venv/bin/python benchmarks/bench_fidelity.py

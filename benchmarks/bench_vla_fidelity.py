@@ -1,7 +1,8 @@
 """Action fidelity of pruned VLA policies at real dimensions (random weights), on simulated-env observations.
 
-Run by hand (`make bench-vla-fidelity`; SmolVLA ~30 min, pi0 ~60 min on 2 cores). Protocol, the same for
-every policy, env and variant:
+Run by hand (`make bench-vla-fidelity`; on a 2-core AMD EPYC VM alone: SmolVLA ~1 h, pi0 ~1.5 h per env with
+1 episode of 9 chunks; `--threads 1` when sharing the cores roughly doubles that). Protocol, the same for every
+policy, env and variant:
 1. Reference episode: the policy at retain 1.0 (tested to be the unmodified lerobot policy) drives the env
    from seed s. At each chunk boundary the observation is kept (after the env's and the policy's
    processors), the chunk is computed with fixed flow-matching noise, and its first `steps_per_chunk`

@@ -1,6 +1,6 @@
 """Pruned pi0 at the released dimensions (random weights, 4 B parameters, 16 GB fp32): per-chunk latency.
 
-Run by hand (`make bench-vla-pi0`); ~15 minutes on 2 cores. Only one copy fits in memory here, so one
+Run by hand (`make bench-vla-pi0`); ~20 minutes on 2 cores. Only one copy fits in memory here, so one
 `pi0_pruned` instance serves every variant (`configure_pruning` between chunks; a test shows a switched
 instance acts exactly as one built that way; retain 1.0 is the unmodified policy, also tested):
 per-chunk time for retain 1.0 / 0.5 / 0.25 / 0.125 with each cut, interleaved repeats after the W = 3
@@ -30,7 +30,7 @@ VARIANTS = [("unpruned", "before", 1.0)] + [(f"{cut} {r:g}", cut, r) for cut in 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4, help="interleaved rounds per variant (a shared VM is noisy)")
     parser.add_argument("--out", default="benchmarks/results/vla_pi0.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
