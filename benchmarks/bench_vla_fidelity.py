@@ -6,8 +6,8 @@ policy, env and variant:
 1. Reference episode: the policy at retain 1.0 (tested to be the unmodified lerobot policy) drives the env
    from seed s. At each chunk boundary the observation is kept (after the env's and the policy's
    processors), the chunk is computed with fixed flow-matching noise, and its first `steps_per_chunk`
-   actions are executed. Random weights make those actions arbitrary, but they move the robot, so the
-   scene changes from chunk to chunk as in a rollout.
+   actions are executed (clipped to the env's action bounds). Random weights make those actions arbitrary,
+   but they move the robot, so the scene changes from chunk to chunk as in a rollout.
 2. Every variant (cut × selection × retain) replays the same observations with the same noise from a fresh
    episode: `reset`, W unpruned warm-up chunks (VLA-Pruner's rule), then pruned chunks.
 3. Per pruned chunk: MSE and cosine of the variant's action chunk against the reference's. Reported: mean
@@ -34,7 +34,7 @@ from lerobot.envs.utils import NEW_ROLLOUT_OPTION, preprocess_observation
 from lerobot.utils.constants import ACTION
 
 from benchmarks.machine import describe
-from envs.sim import make_sim, policy_features_for, task_descriptions
+from envs.sim import SIMULATION_ERRORS, make_sim, policy_features_for, task_descriptions
 from policies.loading import load_pruned_policy
 from streamprune.models.tiny import CONFIG_DIR
 from streamprune.reduce.vla import SELECTIONS
@@ -73,8 +73,15 @@ def reference_episode(policy, pre, post, env_name: str, seed: int, chunks: int, 
             episode.actions.append(actions)
             episode.scores.append(policy.last_scores())
             for i in range(steps_per_chunk):
-                action = env_post({ACTION: post(actions[:, i])})[ACTION]
-                observation, _, terminated, truncated, _ = env.step(action.numpy())
+                action = env_post({ACTION: post(actions[:, i])})[ACTION].numpy()
+                # random weights can command joints far outside the env's bounds (ALOHA: [-1, 1]), where MuJoCo
+                # diverges; only this reference rollout executes actions, the variants replay its observations
+                space = env.single_action_space
+                try:
+                    observation, _, terminated, truncated, _ = env.step(action.clip(space.low, space.high))
+                except SIMULATION_ERRORS as exc:  # the episode ends here; its chunks so far are kept
+                    print(f"  seed {seed}: the simulator stopped the reference episode: {exc}", flush=True)
+                    return episode
                 if terminated[0] or truncated[0]:
                     return episode
     finally:

@@ -59,6 +59,19 @@ Processor = Callable[[Any], Any]
 Overlay = Callable[[Any], dict[str, np.ndarray]]
 
 
+def _simulation_errors() -> tuple[type[Exception], ...]:
+    """Errors a simulator raises when its state blows up (MuJoCo's "Nan, Inf or huge value in QACC" in ALOHA):
+    the episode ends there as a failure; the run goes on."""
+    try:
+        from dm_control.rl.control import PhysicsError
+    except ImportError:  # without the aloha extra
+        return ()
+    return (PhysicsError,)
+
+
+SIMULATION_ERRORS = _simulation_errors()
+
+
 class Policy(Protocol):
     """What the loop needs from a policy (lerobot's PreTrainedPolicy has it)."""
 
@@ -164,6 +177,7 @@ class EpisodeResult:
     chunk_latencies_s: list[float] = field(default_factory=list)
     tokens_kept: list[int] = field(default_factory=list)
     tokens_total: list[int] = field(default_factory=list)
+    simulation_error: str | None = None  # why the simulator stopped the episode early, if it did
 
 
 @dataclass
@@ -314,7 +328,11 @@ class _EpisodeLoop:
             action = self._act(observation, result)
             if self.video is not None:  # after acting, so the frame shows the mask chosen on it
                 self._record(observation)
-            observation, reward, terminated, truncated, info = self.env.step(action)
+            try:
+                observation, reward, terminated, truncated, info = self.env.step(action)
+            except SIMULATION_ERRORS as exc:
+                result.simulation_error = f"step {result.steps}: {str(exc).splitlines()[0]}"
+                break
             result.steps += 1
             result.sum_reward += float(reward[0])
             result.max_reward = max(result.max_reward, float(reward[0]))

@@ -229,6 +229,10 @@ def print_policy_eval(result: dict, console) -> None:
     if result.get("video_path"):
         table.add_row("video", str(result["video_path"]))
     console.print(table)
+    for episode in result["episodes"]:
+        if episode.get("simulation_error"):
+            console.print(f"[yellow]note:[/] episode with seed {episode['seed']} stopped by the simulator at "
+                          f"{episode['simulation_error']} (counted as a failure)")
 
 
 def main(argv: list[str] | None = None) -> int:

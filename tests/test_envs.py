@@ -170,6 +170,34 @@ def test_aloha_insertion_episode_with_video(tmp_path: Path) -> None:
     assert len(frames) == 5 and frames[0].shape == (480, 640, 3)
 
 
+class DivergingStub(ChunkingStub):
+    """Commands NaN joint targets in its first episode, so MuJoCo's state blows up at the first step."""
+
+    def __init__(self) -> None:
+        super().__init__(14)
+        self.episode = -1
+
+    def reset(self) -> None:
+        super().reset()
+        self.episode += 1
+
+    def select_action(self, batch: dict) -> torch.Tensor:
+        action = super().select_action(batch)
+        return torch.full_like(action, float("nan")) if self.episode == 0 else action
+
+
+def test_a_diverging_simulation_ends_its_episode_as_a_failure_and_the_run_goes_on() -> None:
+    calls = []
+    result = run_episodes("aloha-insertion", DivergingStub(), identity, identity, episodes=2, max_steps=4,
+                          progress=lambda done, total: calls.append(done))
+    diverged, healthy = result.episodes
+    assert diverged.steps == 0 and diverged.success is False
+    assert diverged.simulation_error.startswith("step 0: Physics state is invalid")
+    assert healthy.steps == 4 and healthy.simulation_error is None
+    assert calls == [4, 5, 6, 7, 8]  # the stopped episode's remaining steps are skipped at once
+    assert result.to_dict()["episodes"][0]["simulation_error"] == diverged.simulation_error
+
+
 def test_video_of_a_letterboxing_policy_shows_its_square(tmp_path: Path) -> None:
     """pi0 pads 480x640 to a square with 80 px bands above and below; the 8x8 grid then covers that square."""
     policy = ChunkingStub(14)

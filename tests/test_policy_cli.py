@@ -102,3 +102,19 @@ def test_lerobot_eval_runs_the_saved_pruned_policy(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     info = json.loads((tmp_path / "eval" / "eval_info.json").read_text())
     assert info["overall"]["n_episodes"] == 1
+
+
+def test_the_table_names_episodes_the_simulator_stopped():
+    from rich.console import Console
+
+    from streamprune.cli import print_policy_eval
+
+    console = Console(record=True, width=200)
+    episodes = [{"seed": 3, "simulation_error": "step 56: Physics state is invalid. Warning(s) raised: mjWARN_BADQACC"},
+                {"seed": 4, "simulation_error": None}]
+    print_policy_eval({"random_weights": False, "policy": "pi0", "env": "aloha-transfer", "retain": 0.25,
+                       "cut": "before", "n_episodes": 2, "success_rate": 0.0, "avg_sum_reward": 0.0,
+                       "episodes": episodes}, console)
+    text = console.export_text()
+    assert "episode with seed 3 stopped by the simulator at step 56: Physics state is invalid" in text
+    assert "seed 4" not in text
