@@ -60,6 +60,9 @@ def reference_episode(policy, pre, post, env_name: str, seed: int, chunks: int, 
     """Roll out `policy` (configured unpruned) for `chunks` chunks; see the module docstring."""
     env, env_cfg = make_sim(env_name, episode_length=chunks * steps_per_chunk + 1)
     env_pre, env_post = make_env_pre_post_processors(env_cfg, policy.config)
+    # random weights can command joints far outside the env's bounds (ALOHA: [-1, 1]), where MuJoCo diverges;
+    # only this reference rollout executes actions, the variants replay its observations
+    low, high = env.single_action_space.low, env.single_action_space.high
     policy.reset()
     episode = Episode(seed, [], [], [])
     try:
@@ -73,12 +76,9 @@ def reference_episode(policy, pre, post, env_name: str, seed: int, chunks: int, 
             episode.actions.append(actions)
             episode.scores.append(policy.last_scores())
             for i in range(steps_per_chunk):
-                action = env_post({ACTION: post(actions[:, i])})[ACTION].numpy()
-                # random weights can command joints far outside the env's bounds (ALOHA: [-1, 1]), where MuJoCo
-                # diverges; only this reference rollout executes actions, the variants replay its observations
-                space = env.single_action_space
+                action = env_post({ACTION: post(actions[:, i])})[ACTION].numpy().clip(low, high)
                 try:
-                    observation, _, terminated, truncated, _ = env.step(action.clip(space.low, space.high))
+                    observation, _, terminated, truncated, _ = env.step(action)
                 except SIMULATION_ERRORS as exc:  # the episode ends here; its chunks so far are kept
                     print(f"  seed {seed}: the simulator stopped the reference episode: {exc}", flush=True)
                     return episode
