@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both bootstrap the environment.
-.PHONY: demo test bench bench-fidelity bench-stream bench-vla bench-vla-pi0 bench-vla-fidelity setup lint
+.PHONY: demo test bench bench-fidelity bench-stream bench-vla bench-vla-pi0 bench-vla-fidelity bench-encoder bench-vla-encoder setup lint
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -31,6 +31,12 @@ bench-vla-pi0: setup
 bench-vla-fidelity: setup
 	.venv/bin/python -m benchmarks.bench_vla_fidelity --policy smolvla
 	.venv/bin/python -m benchmarks.bench_vla_fidelity --policy pi0 --episodes 1 --chunks 9
+
+bench-encoder: setup
+	.venv/bin/python -m benchmarks.bench_encoder
+
+bench-vla-encoder: setup
+	MUJOCO_GL=egl .venv/bin/python -m benchmarks.bench_vla_encoder --env pusht
 
 bench-fidelity: setup
 	.venv/bin/python benchmarks/bench_fidelity.py

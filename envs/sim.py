@@ -177,6 +177,8 @@ class EpisodeResult:
     chunk_latencies_s: list[float] = field(default_factory=list)
     tokens_kept: list[int] = field(default_factory=list)
     tokens_total: list[int] = field(default_factory=list)
+    # per chunk, the fraction of image patches the vision tower computed (encoder-side reduction only)
+    patches_computed: list[float] = field(default_factory=list)
     simulation_error: str | None = None  # why the simulator stopped the episode early, if it did
 
 
@@ -227,11 +229,16 @@ class EvalResult:
         total = [n for e in self.episodes for n in e.tokens_total]
         return statistics.fmean(total) if total else None
 
+    @property
+    def mean_patches_computed(self) -> float | None:
+        computed = [f for e in self.episodes for f in e.patches_computed]
+        return statistics.fmean(computed) if computed else None
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: aggregates plus the per-episode records."""
         aggregates = (
             "success_rate avg_sum_reward avg_max_reward steps chunks chunk_latency_p50_s chunk_latency_p95_s "
-            "mean_tokens_kept mean_tokens_total"
+            "mean_tokens_kept mean_tokens_total mean_patches_computed"
         ).split()
         return {
             "env": self.env,
@@ -362,6 +369,9 @@ class _EpisodeLoop:
         if kept is not None and total is not None:
             result.tokens_kept.append(int(kept))
             result.tokens_total.append(int(total))
+        stats = getattr(self.policy, "encoder_stats", None)
+        if stats is not None:
+            result.patches_computed.append(round(stats.computed_fraction, 4))
         if self.overlay is not None and self.video is not None:
             self.masks = self.overlay(self.policy)
 

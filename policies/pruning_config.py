@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from streamprune.encoder import EncoderConfig, parse_encoder
 from streamprune.errors import ConfigError
 from streamprune.reduce.vla import SELECTIONS
 
 CUTS = ("before", "inside")
+# the config fields that define the encoder-side reduction (changing one restarts its reuse state)
+ENCODER_FIELDS = ("encoder", "encoder_ratio", "reuse_threshold", "reuse_halo", "merge_schedule")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,14 @@ class PruningOptions:
             raise ConfigError(f"prune_layer must be >= 1{depth}, got {self.prune_layer}")
 
 
+def encoder_fields(config: EncoderConfig) -> dict:
+    """The config fields that reproduce a parsed EncoderConfig (for building a policy from CLI options)."""
+    fields_ = {"encoder": config.name, "merge_schedule": config.merge_schedule}
+    if config.reuse is not None:
+        fields_.update(reuse_threshold=config.reuse.threshold, reuse_halo=config.reuse.halo)
+    return fields_
+
+
 @dataclass
 class PruningConfigMixin:
     """The pruning fields of every pruned policy config (mixed into SmolVLAConfig, PI0Config, PI05Config)."""
@@ -51,6 +62,18 @@ class PruningConfigMixin:
     # the ablation "action" (smoothed action importance alone); all of them wait the same W warm-up chunks,
     # so they are compared on the same chunks.
     selection: str = "vla_pruner"
+    # Encoder-side reduction (`streamprune.encoder`, the `--encoder` SPEC): e.g. "reuse" recomputes only the
+    # patches of each camera image that changed since the previous control step. "none" = the model's tower.
+    encoder: str = "none"
+    encoder_ratio: float | None = None
+    reuse_threshold: float | None = None
+    reuse_halo: int | None = None
+    merge_schedule: str = "constant"
+
+    def encoder_config(self) -> EncoderConfig:
+        """The parsed encoder SPEC (raises a one-line ConfigError on a bad one)."""
+        return parse_encoder(self.encoder, self.encoder_ratio, self.reuse_threshold, self.reuse_halo,
+                             self.merge_schedule)
 
     def pruning_options(self) -> PruningOptions:
         return PruningOptions(retain=self.retain, cut=self.cut, prune_layer=self.prune_layer,
@@ -70,6 +93,7 @@ class PruningConfigMixin:
         options = self.pruning_options()
         try:
             options.validate(vlm_depth if options.cut == "inside" else None)
+            self.encoder_config()
         except ConfigError:
             for name, value in previous.items():
                 setattr(self, name, value)

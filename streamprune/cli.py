@@ -8,6 +8,7 @@ import json
 import sys
 import warnings
 
+from streamprune.encoder import ENCODER_METHODS, parse_encoder
 from streamprune.errors import ConfigError, StreamPruneError
 from streamprune.fidelity import run_fidelity
 from streamprune.live import LiveOptions, run_stream
@@ -31,6 +32,26 @@ def _ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+    """Encoder-side reduction flags, shared by every command that runs a vision tower."""
+    p.add_argument("--encoder", default="none", metavar="SPEC",
+                   help=f"reduction inside the vision tower: {'|'.join(ENCODER_METHODS)}, or reuse+METHOD, each "
+                        "with an optional :RATIO (e.g. reuse:0.9+tome:0.5) [none]")
+    p.add_argument("--encoder-ratio", type=_ratio, default=None,
+                   help="work the encoder skips: most patches reused per frame (reuse, in [0, 1]), or tokens merged "
+                        "away by the last layer (merging, in [0, 1)) [reuse 1, merging 0.5]")
+    p.add_argument("--reuse-threshold", type=_ratio, default=None,
+                   help="a patch is recomputed when its pixels moved by more than this (mean, 0-255 levels) [8]")
+    p.add_argument("--reuse-halo", type=int, default=None, help="also recompute patches this close to a changed one [1]")
+    p.add_argument("--merge-schedule", default=None, metavar="SHAPE",
+                   help="tokens merged per layer: constant (ToMe's default) or decreasing (more in early layers) "
+                        "[constant]")
+
+
+def _encoder(args: argparse.Namespace):
+    return parse_encoder(args.encoder, args.encoder_ratio, args.reuse_threshold, args.reuse_halo, args.merge_schedule)
+
+
 def _add_video_and_reduction_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by `summarize` and `fidelity`: input, model, outer and inner reduction."""
     p.add_argument("video", metavar="VIDEO", help="video file, or sample:NAME for a bundled sample (sample:bigbuckbunny)")
@@ -51,6 +72,7 @@ def _add_video_and_reduction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-proportional-attention", dest="proportional_attention", action="store_false",
                    help="do not add log(size) to the attention logits of merged tokens (ToMe's proportional "
                         "attention, on by default)")
+    _add_encoder_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
 
 
@@ -101,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json-lines", action="store_true", help="one JSON object per segment and answer on stdout")
     st.add_argument("--max-frames", type=int, help="stop after this many frames")
     st.add_argument("--realtime", action="store_true", help="pace a file or test pattern at its frame rate")
+    _add_encoder_args(st)
     pol = sub.add_parser("policy", help="pruned vision-language-action policies in simulation")
     pol_sub = pol.add_subparsers(dest="policy_command", required=True)
     ev = pol_sub.add_parser("eval", help="run a pruned VLA policy in a simulated environment",
@@ -122,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-action-steps", type=int, help="actions executed per predicted chunk")
     ev.add_argument("--task-id", type=int, help="LIBERO only: the task of the suite [0]")
     ev.add_argument("--video", metavar="PATH", help="write the first episode as an mp4 with kept tokens overlaid")
+    _add_encoder_args(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -132,7 +156,8 @@ def _options(args: argparse.Namespace) -> SummarizeOptions:
                             max_new_tokens=getattr(args, "max_new_tokens", 64), tau=args.tau,
                             save_viz=getattr(args, "save_viz", None),
                             inner=InnerConfig(mode=args.inner, layer=args.inner_layer, ratio=args.inner_ratio,
-                                              merge=args.inner_merge, proportional=args.proportional_attention))
+                                              merge=args.inner_merge, proportional=args.proportional_attention),
+                            encoder=_encoder(args))
 
 
 def _progress_bars(console):
@@ -169,6 +194,11 @@ def print_report(report: SummaryReport, console) -> None:
     table.add_column("value", justify="right")
     table.add_column("", justify="left", style="dim")
     table.add_row("frames", str(report.frames), f"{len(report.segments)} segment{'s' * (len(report.segments) != 1)}")
+    enc = report.encoder
+    if enc["spec"] != "none":
+        table.add_row("vision tower", f"{enc['spec']}",
+                      f"{enc['computed_fraction']:.0%} of patches computed, {enc['keyframes']} of {enc['frames']} "
+                      f"frames whole, {fl['vision'] / fl['vision_unreduced']:.0%} of the tower's FLOPs")
     table.add_row("vision tokens", f"{tok['vision']:,}", f"{tok['vision'] // max(report.frames, 1)} per frame")
     table.add_row("after temporal merge", f"{tok['after_temporal_merge']:,}", f"{tok['after_temporal_merge'] / tok['vision']:.1%}")
     table.add_row("into the LLM", f"{tok['llm_input']:,}", f"{(tok['llm_input'] - 1) / tok['vision']:.1%} (+1 newline)")
@@ -184,11 +214,13 @@ def print_report(report: SummaryReport, console) -> None:
                   f"unreduced {report.kv_cache_bytes_unreduced / 2**20:.2f} MiB")
     for key in ("decode_video", "vision", "reduce", "prefill", "ttft", "generate"):
         table.add_row(f"time {key.replace('_', ' ')}", f"{tm[key]:.3f} s",
-                      "vision + reduce + prefill" if key == "ttft" else "")
+                      {"ttft": "vision + reduce + prefill", "vision": f"{tm['vision'] / max(tm['ttft'], 1e-9):.0%} of ttft"}.get(key, ""))
     table.add_row("generated", f"{report.generated_tokens} tokens", "")
     console.print(table)
     if report.viz:
         console.print(f"visualization: {report.viz}")
+    if report.viz_encoder:
+        console.print(f"recomputed patches: {report.viz_encoder}")
 
 
 def print_fidelity(result: dict, console) -> None:
@@ -198,7 +230,8 @@ def print_fidelity(result: dict, console) -> None:
         console.print("[yellow]note:[/] random weights: these numbers show how far reduction moves an untrained "
                       "model, a mechanics check rather than a quality estimate")
     inner = result["inner"]
-    title = f"{result['method']} retain {result['retain']:g}" + (
+    title = (f"encoder {result['encoder']['spec']} + " if result["encoder"]["spec"] != "none" else "") + \
+        f"{result['method']} retain {result['retain']:g}" + (
         f" + inner {inner['mode']} (K={inner['layer']}, r={inner['ratio']:g})" if inner["mode"] != "none" else "")
     table = Table(title=f"fidelity vs unreduced: {title}", show_header=False)
     table.add_row("visual tokens into the LLM", f"{result['llm_input_tokens']:,} of {result['llm_input_tokens_unreduced']:,}")
@@ -207,6 +240,8 @@ def print_fidelity(result: dict, console) -> None:
     table.add_row("top-1 agreement (teacher-forced)", f"{result['teacher_forced_agreement']:.1%}")
     table.add_row("greedy agreement (free-running)", f"{result['greedy_agreement']:.1%}")
     table.add_row("final hidden-state cosine", f"{result['hidden_cosine']:.4f}")
+    if result["encoder"]["spec"] != "none":
+        table.add_row(f"visual-token cosine ({result['encoder']['spec']})", f"{result['vision_feature_cosine']:.4f}")
     console.print(table)
     console.print(f"[dim]{result['metrics']}[/]")
 
@@ -226,6 +261,9 @@ def print_policy_eval(result: dict, console) -> None:
             table.add_row(key.replace("_s", "").replace("_", " "), f"{result[key] * 1000:.0f} ms")
     if result.get("mean_tokens_kept") is not None:
         table.add_row("visual tokens per chunk", f"{result['mean_tokens_kept']:.1f} of {result['mean_tokens_total']:.0f}")
+    if result.get("mean_patches_computed") is not None:
+        table.add_row("vision tower", f"{result['encoder']['spec']}",
+                      f"{result['mean_patches_computed']:.0%} of image patches computed per chunk")
     if result.get("video_path"):
         table.add_row("video", str(result["video_path"]))
     console.print(table)
@@ -256,12 +294,14 @@ def main(argv: list[str] | None = None) -> int:
             run_stream(LiveOptions(source=args.source, model=args.model, retain=args.retain, ask=args.ask,
                                    every=args.every, max_context_tokens=args.max_context_tokens,
                                    lookahead=args.lookahead, ui=ui, json_lines=args.json_lines,
-                                   max_frames=args.max_frames, realtime=args.realtime, port=args.port))
+                                   max_frames=args.max_frames, realtime=args.realtime, port=args.port,
+                                   encoder=_encoder(args)))
         elif args.command == "policy":
             opts = PolicyEvalOptions(policy=args.policy, env=args.env, policy_path=args.policy_path,
                                      episodes=args.episodes, retain=args.retain, cut=args.cut,
                                      selection=args.selection, seed=args.seed, max_steps=args.max_steps,
-                                     n_action_steps=args.n_action_steps, task_id=args.task_id, video=args.video)
+                                     n_action_steps=args.n_action_steps, task_id=args.task_id, video=args.video,
+                                     encoder=_encoder(args))
             # lerobot and the simulators print to stdout; keep stdout for our report alone
             with bars, contextlib.redirect_stdout(sys.stderr):
                 result = run_policy_eval(opts, progress=lambda done, total: update("steps", done, total))

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from streamprune.encoder import EncoderConfig
 from streamprune.errors import ConfigError
 from streamprune.importance import ImportanceState
 from streamprune.models.inner_stage import query_attention
@@ -50,6 +51,9 @@ class StreamConfig:
     protect_fraction: float = 0.1  # grid positions protected from merging once questions have been asked
     importance_window: int = 3
     importance_decay: float = 0.8
+    # encoder-side reduction; its reuse state spans the stream (frames the skip test lets through still
+    # recompute only the patches that changed)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
 
     def validate(self) -> None:
         if not 0.0 < self.retain <= 1.0:
@@ -109,11 +113,12 @@ class StreamEngine:
         self.grid_hw = adapter.grid_hw
         self.importance = ImportanceState(adapter.tokens_per_frame, window=self.config.importance_window,
                                           decay=self.config.importance_decay)
+        self.vision = adapter.vision_encoder(self.config.encoder) if self.config.encoder.active else None
         self.prefix_ids, _ = self._split_prompt("?")
         self._pending = _Pending()
         self._last_thumb: np.ndarray | None = None
         self._counts = dict(frames_in=0, frames_skipped=0, frames_encoded=0, tokens_encoded=0, tokens_kept=0,
-                            segments=0, evicted_segments=0, merged_kv_tokens=0)
+                            segments=0, evicted_segments=0, merged_kv_tokens=0, patches_computed=0, patches_total=0)
         self.evicted: list[dict] = []  # what left the context: segment, frames, tokens
         self._merged_segments: set[int] = set()  # segments whose KV entries were already halved
         self.last_answer = ""
@@ -182,11 +187,13 @@ class StreamEngine:
             self._counts["frames_skipped"] += 1
         else:
             pixels = self.adapter.pixel_values(image[None])
-            encoded = self.adapter.encode(pixels)
+            encoded = self.adapter.encode(pixels, encoder=self.vision)
             features, attention = encoded.features[0], encoded.attention[0]
             self._last_thumb = thumb
             self._counts["frames_encoded"] += 1
             self._counts["tokens_encoded"] += features.shape[0]
+            self._counts["patches_computed"] += encoded.encoder.computed_patches
+            self._counts["patches_total"] += encoded.encoder.patches
         p = self._pending
         if p.features:  # a skipped frame is identical to its predecessor by construction
             similarity = torch.ones(features.shape[0]) if skip else F.cosine_similarity(p.features[-1], features, -1)

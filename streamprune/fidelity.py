@@ -6,7 +6,9 @@ With no trained weights to score benchmarks, we measure how far reduction moves 
   unreduced model's greedy answer;
 - `teacher_forced_agreement`: fraction of those positions where both models' top-1 tokens agree;
 - `greedy_agreement`: fraction of the first `steps` tokens that match when each model generates freely;
-- `hidden_cosine`: cosine of the last prompt token's final hidden state.
+- `hidden_cosine`: cosine of the last prompt token's final hidden state;
+- `vision_feature_cosine`: with encoder-side reduction, the mean cosine of the visual tokens (after the
+  projector and pooling) against a full encode of the same frames (1.0 without).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Fidelity:
     llm_input_tokens: int
     llm_input_tokens_unreduced: int
     inner_installed: bool  # whether the inner stage (merging and/or proportional attention) ran
+    vision_feature_cosine: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,9 +57,13 @@ def teacher_forced(adapter: LlavaOnevisionAdapter, inputs: LLMInputs, answer: to
 
 @torch.no_grad()
 def compare(adapter: LlavaOnevisionAdapter, prompt: PromptInputs, encoded: EncodedVideo, method: str,
-            retain: float, inner: InnerConfig | None = None, steps: int = 32, **reduce_options) -> Fidelity:
-    """Reduced (outer `method` at `retain`, plus optional `inner`) vs unreduced on the same video/prompt."""
-    full = adapter.reduced_inputs(prompt, VisualTokens.unreduced(encoded.features, encoded.grid_hw))
+            retain: float, inner: InnerConfig | None = None, steps: int = 32, reference: EncodedVideo | None = None,
+            **reduce_options) -> Fidelity:
+    """Reduced (outer `method` at `retain`, plus optional `inner`) vs unreduced on the same video/prompt.
+
+    `reference`: the full encode when `encoded` came from encoder-side reduction (else `encoded` is both)."""
+    full_encode = reference or encoded
+    full = adapter.reduced_inputs(prompt, VisualTokens.unreduced(full_encode.features, full_encode.grid_hw))
     tokens = reduce_tokens(method, encoded.features, encoded.attention, encoded.grid_hw, retain, **reduce_options)
     reduced = adapter.reduced_inputs(prompt, tokens)
 
@@ -77,6 +84,7 @@ def compare(adapter: LlavaOnevisionAdapter, prompt: PromptInputs, encoded: Encod
         llm_input_tokens=int(reduced.visual_mask.sum()),
         llm_input_tokens_unreduced=int(full.visual_mask.sum()),
         inner_installed=adapter.needs_stage(reduced, inner),
+        vision_feature_cosine=float(F.cosine_similarity(encoded.features.float(), full_encode.features.float(), -1).mean()),
     )
 
 
@@ -86,10 +94,15 @@ def run_fidelity(opts, steps: int = 32, progress=None) -> dict:
 
     run = encode_video(opts, progress)
     options = reduction_options(opts)
+    reference = None
+    if opts.encoder.active:  # the unreduced side sees the model's own tower
+        reference = run.loaded.adapter.encode(run.prompt.pixel_values_videos,
+                                              progress=progress and (lambda d, t: progress("full encode", d, t)))
     result = compare(run.loaded.adapter, run.prompt, run.encoded, opts.method, opts.retain, opts.inner,
-                     steps=steps, **options)
+                     steps=steps, reference=reference, **options)
     return {"video": str(run.clip.path), "model": run.loaded.name, "random_weights": run.loaded.random_weights,
             "method": opts.method, "retain": opts.retain, "tau": options.get("tau"),
             "inner": inner_summary(opts.inner, run.inner_layer, result.inner_installed),
+            "encoder": {**opts.encoder.summary(), **run.encoded.encoder.to_dict()},
             "metrics": "proxy: agreement with the unreduced model, not task accuracy",
             **result.to_dict()}

@@ -52,3 +52,17 @@ def kv_cache_bytes_per_token(text_config, bytes_per_value: int = 4) -> int:
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     return 2 * text_config.num_hidden_layers * kv_heads * head_dim * bytes_per_value
+
+
+def vision_flops(width: int, mlp_width: int, counts: Sequence[tuple[int, int, int]]) -> float:
+    """FLOPs of a ViT encoder run (2 per multiply-add) from per-layer token counts.
+
+    counts: one (queries, keys, mlp_tokens) per layer — queries get q/k/v/out projections and attend over
+    `keys` (more than the queries when cached context keys join), then `mlp_tokens` (fewer after a merge
+    between attention and MLP) go through the 2-matrix MLP. Merging's own similarity work is not counted.
+    """
+    total = 0.0
+    for queries, keys, mlp_tokens in counts:
+        total += 2 * queries * 4 * width * width + 2 * 2 * queries * keys * width
+        total += 2 * mlp_tokens * 2 * width * mlp_width
+    return total

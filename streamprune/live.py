@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 
+from streamprune.encoder import EncoderConfig
 from streamprune.engine import StreamConfig, StreamEngine
 from streamprune.errors import ConfigError, StreamPruneError
 from streamprune.models import load_video_llm
@@ -32,6 +33,7 @@ class LiveOptions:
     realtime: bool = False  # pace files at their frame rate
     port: int = 0  # web UI port (0: any free port)
     max_new_tokens: int = 32
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # encoder-side reduction, state kept across frames
 
     def validate(self) -> None:
         if self.ui not in ("terminal", "web", "none"):
@@ -48,9 +50,9 @@ class TerminalDashboard:
     """A rich Live table of the engine's counters, redrawn a few times per second."""
 
     ROWS = [("source", "{}"), ("frames_in", "{:,}"), ("frames_skipped", "{:,}"), ("frames_encoded", "{:,}"),
-            ("tokens_encoded", "{:,}"), ("tokens_kept", "{:,}"), ("segments", "{:,}"), ("kv_tokens", "{:,}"),
-            ("kv_bytes", "bytes"), ("evicted_segments", "{:,}"), ("fps", "{:.1f}"), ("ms_per_frame", "{:.1f}"),
-            ("stream_time_s", "{:.1f}"), ("answer", "{}")]
+            ("patches_computed", "{:,}"), ("tokens_encoded", "{:,}"), ("tokens_kept", "{:,}"), ("segments", "{:,}"),
+            ("kv_tokens", "{:,}"), ("kv_bytes", "bytes"), ("evicted_segments", "{:,}"), ("fps", "{:.1f}"),
+            ("ms_per_frame", "{:.1f}"), ("stream_time_s", "{:.1f}"), ("answer", "{}")]
 
     def __init__(self, console) -> None:
         from rich.live import Live
@@ -102,7 +104,8 @@ def run_stream(opts: LiveOptions, out: TextIO = sys.stdout, err: TextIO = sys.st
     opts.validate()
     adapter = load_video_llm(opts.model).adapter
     engine = StreamEngine(adapter, StreamConfig(retain=opts.retain, lookahead=opts.lookahead,
-                                                max_context_tokens=opts.max_context_tokens))
+                                                max_context_tokens=opts.max_context_tokens,
+                                                encoder=opts.encoder))
     events: list[str] = []
     source = open_source(opts.source, **_source_kwargs(opts, events, err))
     view = _make_view(opts, err)
@@ -171,7 +174,10 @@ def _final_report(engine: StreamEngine, opts: LiveOptions, out: TextIO, events: 
 
 
 def _summary_line(stats: dict) -> str:
-    return (f"frames {stats['frames_in']:,} (skipped {stats['frames_skipped']:,}, encoded {stats['frames_encoded']:,}) · "
+    computed = (f" · vision tower computed {stats['patches_computed'] / stats['patches_total']:.0%} of patches"
+                if stats.get("patches_total") else "")
+    return (f"frames {stats['frames_in']:,} (skipped {stats['frames_skipped']:,}, "
+            f"encoded {stats['frames_encoded']:,}){computed} · "
             f"tokens encoded {stats['tokens_encoded']:,} → kept {stats['tokens_kept']:,} · "
             f"KV {stats['kv_tokens']:,} tokens, {stats['kv_bytes'] / 2**20:.2f} MiB · segments {stats['segments']:,}, "
             f"evicted {stats['evicted_segments']:,} · {stats['fps']:.1f} frames/s"

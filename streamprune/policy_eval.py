@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from streamprune.encoder import EncoderConfig
 from streamprune.errors import ConfigError
 from streamprune.reduce.vla import SELECTIONS
 
@@ -25,6 +26,7 @@ class PolicyEvalOptions:
     n_action_steps: int | None = None
     task_id: int | None = None  # LIBERO: the task of the suite
     video: str | None = None
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -46,11 +48,13 @@ def run_policy_eval(opts: PolicyEvalOptions, progress=None) -> dict:
     opts.validate()
     from envs.sim import check_task_id, last_kept_overlay, policy_features_for, run_episodes
     from policies.loading import load_pruned_policy
+    from policies.pruning_config import encoder_fields
 
     check_task_id(opts.env, opts.task_id)  # before the (slow) policy build
 
     features = policy_features_for(opts.env)
-    pruning = {"retain": opts.retain, "cut": opts.cut, "selection": opts.selection}
+    pruning = {"retain": opts.retain, "cut": opts.cut, "selection": opts.selection,
+               **encoder_fields(opts.encoder)}
     if opts.n_action_steps is not None:
         pruning["n_action_steps"] = opts.n_action_steps
     policy, pre, post = load_pruned_policy(opts.policy, opts.policy_path, features, **pruning)
@@ -60,5 +64,5 @@ def run_policy_eval(opts: PolicyEvalOptions, progress=None) -> dict:
     random_weights = opts.policy_path == "tiny"
     return {"policy": opts.policy, "policy_path": opts.policy_path, "random_weights": random_weights,
             "env": opts.env, **({"task_id": opts.task_id or 0} if opts.env.startswith("libero") else {}),
-            "retain": opts.retain, "cut": opts.cut, "selection": opts.selection,
+            "retain": opts.retain, "cut": opts.cut, "selection": opts.selection, "encoder": opts.encoder.summary(),
             **result.to_dict()}

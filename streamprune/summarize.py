@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from streamprune.encoder import EncoderConfig
 from streamprune.errors import ConfigError
 from streamprune.flops import fastv_prefill_flops, kv_cache_bytes_per_token, prefill_flops
 from streamprune.models import LoadedModel, load_video_llm
@@ -39,6 +40,7 @@ class SummarizeOptions:
     tau: float | None = None
     save_viz: str | None = None
     inner: InnerConfig = field(default_factory=InnerConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # encoder-side reduction (parse_encoder)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -67,12 +69,14 @@ class SummaryReport:
     tokens: dict[str, int]
     flops: dict[str, float]
     inner: dict
+    encoder: dict
     timing_s: dict[str, float]
     kv_cache_bytes: int
     kv_cache_bytes_unreduced: int
     summary: str
     generated_tokens: int
     viz: str | None = None
+    viz_encoder: str | None = None  # with temporal reuse: which patches the vision tower recomputed
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -153,8 +157,10 @@ def encode_video(opts: SummarizeOptions, progress: ProgressFn | None = None) -> 
     loaded = load_video_llm(opts.model)
     inner_layer = validate(opts.inner, loaded.adapter.config.text_config.num_hidden_layers)
     prompt = loaded.adapter.prepare(clip.frames, opts.prompt)
+    encoder = loaded.adapter.vision_encoder(opts.encoder) if opts.encoder.active else None
     t0 = time.perf_counter()
-    encoded = loaded.adapter.encode(prompt.pixel_values_videos, progress=_stage(progress, "vision tower"))
+    encoded = loaded.adapter.encode(prompt.pixel_values_videos, progress=_stage(progress, "vision tower"),
+                                    encoder=encoder)
     timing["vision"] = time.perf_counter() - t0
     return EncodedRun(clip, loaded, prompt, encoded, inner_layer, timing)
 
@@ -207,18 +213,27 @@ def summarize(opts: SummarizeOptions, progress: ProgressFn | None = None) -> Sum
     per_layer = [seq_len] * inner_layer + [after_inner] * (adapter.config.text_config.num_hidden_layers - inner_layer)
     inner = inner_summary(opts.inner, inner_layer, installed=stage is not None)
     report = _report(opts, loaded, clip, tokens, prompt.input_ids.shape[1], per_layer, tau, inner, timing,
-                     probe.kv_cache_bytes, adapter.decode(new_ids), new_ids.shape[1])
+                     probe.kv_cache_bytes, adapter.decode(new_ids), new_ids.shape[1], encoded)
     if opts.save_viz:
         from streamprune.viz import render_reduction
 
         title = f"{Path(clip.path).name} · {opts.method} retain {opts.retain:g}" + (f" τ={tau:g}" if tau else "")
         render_reduction(clip.frames, tokens, timestamps=clip.timestamps, title=title, path=opts.save_viz)
         report.viz = str(opts.save_viz)
+        if opts.encoder.reuse is not None and encoded.recomputed is not None:
+            from streamprune.viz import render_recomputed
+
+            path = Path(opts.save_viz)
+            report.viz_encoder = str(path.with_name(path.stem + "_encoder" + path.suffix))
+            render_recomputed(clip.frames, encoded.recomputed.numpy(), (adapter.patch_side, adapter.patch_side),
+                              title=f"{Path(clip.path).name} · vision tower with --encoder {opts.encoder.name}",
+                              path=report.viz_encoder)
     return report
 
 
 def _report(opts: SummarizeOptions, loaded, clip, tokens: VisualTokens, full_len: int, per_layer: list[int],
-            tau: float | None, inner: dict, timing: dict[str, float], kv_bytes: int, summary: str, generated: int) -> SummaryReport:
+            tau: float | None, inner: dict, timing: dict[str, float], kv_bytes: int, summary: str, generated: int,
+            encoded: EncodedVideo) -> SummaryReport:
     text_config = loaded.adapter.config.text_config
     vision_tokens = tokens.num_frames * tokens.tokens_per_frame
     notes = []
@@ -248,8 +263,11 @@ def _report(opts: SummarizeOptions, loaded, clip, tokens: VisualTokens, full_len
             "prefill_unreduced": prefill_flops(text_config, full_len),
             "prefill_fastv_formula": fastv_prefill_flops(text_config, per_layer),
             "prefill_unreduced_fastv_formula": fastv_prefill_flops(text_config, full_len),
+            "vision": encoded.encoder.flops,
+            "vision_unreduced": encoded.encoder.flops_full,
         },
         inner=inner,
+        encoder={**opts.encoder.summary(), **encoded.encoder.to_dict()},
         timing_s={k: round(v, 4) for k, v in timing.items()},
         kv_cache_bytes=kv_bytes,
         kv_cache_bytes_unreduced=kv_cache_bytes_per_token(text_config) * full_len,

@@ -556,3 +556,48 @@ def render_reduction(
         path.parent.mkdir(parents=True, exist_ok=True)
         canvas.save(path, format="PNG")
     return canvas
+
+
+# ---- encoder-side reduction: which patches the vision tower recomputed ---------------------------------
+
+RECOMPUTED_TINT = (255, 140, 0)
+RECOMPUTED_ALPHA = 0.35
+REUSED_DIM = 0.45  # reused patches keep this share of their brightness
+
+
+def render_recomputed(frames: np.ndarray, recomputed: np.ndarray, grid_hw: tuple[int, int], title: str = "",
+                      path: str | Path | None = None, max_columns: int = 8, thumb: int = 160) -> Image.Image:
+    """Draw the sampled `frames` [T, H, W, 3] uint8 with the patches the vision tower recomputed tinted orange
+    and the reused ones (features taken from the previous encode) dimmed; recomputed [T, H'·W'] bool on the
+    patch grid `grid_hw` (stretched over the frame, as the processor resizes it). Returns the RGB image."""
+    frames = np.asarray(frames)
+    recomputed = np.asarray(recomputed, dtype=bool).reshape(len(frames), *grid_hw)
+    tw, th = thumbnail_size(frames.shape[1:3], thumb)
+    font, small = _font(15, bold=True), _font(12)
+    pad, label_h, header_h = 8, 18, 56
+    columns = min(max_columns, len(frames))
+    rows = -(-len(frames) // columns)
+    canvas = Image.new("RGB", (pad + columns * (tw + pad), header_h + rows * (th + label_h + pad) + pad), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    share = recomputed.mean()
+    _text(draw, (pad, 16), title or "vision tower: recomputed patches", font, TEXT)
+    _text(draw, (pad, 38), f"orange: recomputed ({share:.0%} of all patches) · dimmed: reused from the previous "
+                           f"encode · keyframes encoded whole", small, TEXT_DIM)
+    for i, frame in enumerate(frames):
+        image = make_thumbnail(frame, thumb).astype(np.float32)
+        ys = _cell_index(image.shape[0], grid_hw[0])
+        xs = _cell_index(image.shape[1], grid_hw[1])
+        mask = recomputed[i][ys][:, xs][..., None]
+        tinted = image * (1 - RECOMPUTED_ALPHA) + np.array(RECOMPUTED_TINT) * RECOMPUTED_ALPHA
+        image = np.where(mask, tinted, image * REUSED_DIM).clip(0, 255).astype(np.uint8)
+        r, c = divmod(i, columns)
+        x, y = pad + c * (tw + pad), header_h + r * (th + label_h + pad)
+        canvas.paste(Image.fromarray(image), (x, y))
+        whole = recomputed[i].all()
+        _text(draw, (x, y + th + label_h / 2 + 1), f"{i}: " + ("keyframe" if whole else f"{recomputed[i].mean():.0%}"),
+              small, TEXT if whole else TEXT_DIM)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        canvas.save(path, format="PNG")
+    return canvas

@@ -118,3 +118,12 @@ def test_the_table_names_episodes_the_simulator_stopped():
     text = console.export_text()
     assert "episode with seed 3 stopped by the simulator at step 56: Physics state is invalid" in text
     assert "seed 4" not in text
+
+
+def test_encoder_reuse_in_policy_eval_reports_patches_computed():
+    result = eval_json("--policy", "smolvla", "--env", "pusht", "--max-steps", "12", "--n-action-steps", "4",
+                       "--encoder", "reuse", "--retain", "1.0")
+    assert result["encoder"]["spec"] == "reuse:1" and result["chunks"] == 3
+    computed = result["episodes"][0]["patches_computed"]
+    assert computed[0] == 1.0 and all(0.0 <= f < 1.0 for f in computed[1:])  # PushT's background stays put
+    assert result["mean_patches_computed"] < 1.0

@@ -344,3 +344,20 @@ def test_a_saved_unpruned_checkpoint_loads_as_the_pruned_policy(request, family,
     assert policy.tokens_kept == 64
     with pytest.raises(ModelError, match="not a SmolVLAConfig"):  # a pi0 folder is not a SmolVLA checkpoint
         load_pruned_policy("smolvla", str(tmp_path), {})
+
+
+# ---------------------------------------------------------------- encoder-side reduction
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encoder_reuse_on_paligemmas_siglip(request, family):
+    fixture, policy_cls, config_cls = FAMILIES[family]
+    base, pre = request.getfixturevalue(fixture)
+    off, _, _ = build_tiny_pi0(policy_cls, config_cls, retain=1.0, encoder="reuse:0")
+    assert torch.equal(chunk(off, pre, 0), chunk(base, pre, 0)) and off.encoder_stats is None
+    policy, _, _ = build_tiny_pi0(policy_cls, config_cls, retain=1.0, encoder="reuse")
+    first = chunk(policy, pre, 0)
+    assert policy.encoder_stats.computed_fraction == 1.0
+    assert torch.allclose(first, chunk(base, pre, 0), atol=1e-5)
+    again = chunk(policy, pre, 0)  # the same observation: nothing recomputed, the same actions
+    assert policy.encoder_stats.computed_patches == 0 and torch.equal(again, first)

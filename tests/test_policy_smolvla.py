@@ -255,3 +255,50 @@ def test_a_saved_unpruned_checkpoint_loads_as_the_pruned_policy(baseline, tmp_pa
     assert policy.tokens_kept == 16
     with pytest.raises(ModelError, match="not a PI0Config"):  # a SmolVLA folder is not a pi0 checkpoint
         load_pruned_policy("pi0", str(tmp_path), features)
+
+
+# ---------------------------------------------------------------- encoder-side reduction
+
+
+@pytest.mark.parametrize("encoder", ["none", "tome:0", "reuse:0"])
+def test_encoder_off_is_the_unmodified_policy(baseline, encoder):
+    base, pre = baseline
+    policy = pruned(baseline, retain=1.0, encoder=encoder)
+    for step in range(2):
+        batch = observation(pre, step)
+        expected = base.predict_action_chunk(dict(batch), noise=noise(step))
+        assert torch.equal(policy.predict_action_chunk(dict(batch), noise=noise(step)), expected)
+        assert policy.encoder_stats is None
+
+
+def test_encoder_reuse_across_control_steps(baseline):
+    base, pre = baseline
+    policy = pruned(baseline, retain=1.0, encoder="reuse")
+    batch = observation(pre, 0)
+    first = policy.predict_action_chunk(dict(batch), noise=noise(0))
+    assert policy.encoder_stats.computed_fraction == 1.0 and policy.encoder_stats.keyframes == 1
+    assert torch.allclose(first, base.predict_action_chunk(dict(batch), noise=noise(0)), atol=1e-5)
+    # the same image again: no patch is recomputed and the chunk is the same
+    again = policy.predict_action_chunk(dict(batch), noise=noise(0))
+    assert policy.encoder_stats.computed_patches == 0 and torch.equal(again, first)
+    # a new image: what changed is recomputed; reset forgets the reference
+    policy.predict_action_chunk(observation(pre, 1), noise=noise(1))
+    assert 0 < policy.encoder_stats.computed_fraction
+    policy.reset()
+    policy.predict_action_chunk(dict(batch), noise=noise(0))
+    assert policy.encoder_stats.computed_fraction == 1.0
+
+
+def test_encoder_merging_with_pruning_keeps_the_budget(baseline):
+    _, pre = baseline
+    policy = pruned(baseline, retain=0.25, importance_window=1, encoder="tome:0.5")
+    for step in range(3):
+        policy.predict_action_chunk(observation(pre, step), noise=noise(step))
+        assert policy.encoder_stats.flops < policy.encoder_stats.flops_full
+    assert policy.tokens_kept == 16
+    policy.configure_pruning(encoder="none")
+    policy.predict_action_chunk(observation(pre, 3), noise=noise(3))
+    assert policy.encoder_stats is None
+    with pytest.raises(ConfigError, match="unknown encoder method"):
+        policy.configure_pruning(encoder="nope")
+    assert policy.config.encoder == "none"

@@ -39,6 +39,15 @@ def test_stream_still_pattern_text_summary():
     assert "frames 300 (skipped 299, encoded 1)" in res.stdout
 
 
+def test_stream_moving_pattern_with_encoder_reuse():
+    res = run_cli("stream", "synthetic:moving-box", "--max-frames", "12", "--ui", "none", "--json-lines",
+                  "--encoder", "reuse")
+    assert res.returncode == 0, res.stderr
+    final = json.loads(res.stdout.strip().splitlines()[-1])
+    assert final["patches_total"] == final["frames_encoded"] * 729 > 729
+    assert final["patches_computed"] < final["patches_total"]  # only around the moving box after the first frame
+
+
 def test_stream_killed_http_server_reconnects_then_fails_cleanly(serve, stream_videos):
     video = stream_videos["mp4"]
     url = serve(video, cut_at=video.path.stat().st_size // 2, fault="kill")

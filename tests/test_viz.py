@@ -242,3 +242,19 @@ def test_renders_without_ttf_fonts(monkeypatch, builtin_works):
         assert (title_row.min(axis=-1) > 200).sum() > 20
     finally:
         viz._font.cache_clear()
+
+
+def test_recomputed_patches_are_tinted_and_reused_ones_dimmed():
+    from streamprune.viz import RECOMPUTED_TINT, render_recomputed
+
+    frames = np.full((2, 64, 64, 3), 200, np.uint8)
+    recomputed = np.zeros((2, 4), bool)
+    recomputed[0] = True  # a keyframe
+    recomputed[1, 0] = True  # then only the top-left patch of a 2×2 grid
+    image = np.asarray(render_recomputed(frames, recomputed, (2, 2), thumb=64))
+    header, pad = 56, 8
+    top_left = image[header + 10, pad + 64 + pad + 10]  # frame 1, top-left patch: recomputed
+    bottom_right = image[header + 50, pad + 64 + pad + 50]  # frame 1, bottom-right: reused
+    expected = 200 * 0.65 + np.array(RECOMPUTED_TINT) * 0.35
+    assert np.allclose(top_left, expected, atol=1.5)
+    assert np.allclose(bottom_right, 200 * 0.45, atol=1.5)

@@ -13,8 +13,10 @@ from policies.pruning_config import PruningConfigMixin
 @PreTrainedConfig.register_subclass("pi05_pruned")
 @dataclass
 class PI05PrunedConfig(PI05Config, PruningConfigMixin):
-    """PI05Config + `retain`, `cut`, `prune_layer`, `importance_window`, `importance_decay`, `selection`."""
+    """PI05Config + `retain`, `cut`, `prune_layer`, `importance_window`, `importance_decay`, `selection`,
+    and the encoder-side reduction (`encoder` SPEC and its options)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.pruning_options().validate()
+        self.encoder_config()

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from policies.pruning_config import PruningOptions
+from policies.pruning_config import ENCODER_FIELDS, PruningOptions
+from streamprune.encoder import EncoderConfig, EncoderStats, StreamSet, siglip_tower
 from streamprune.importance import ImportanceState, carry_over
 from streamprune.reduce.vla import budget, select_tokens
 
@@ -269,6 +270,34 @@ class VisualTokenPruner:
         return args, kwargs
 
 
+class EncodedImageMixin:
+    """Mixed into lerobot's `PaliGemmaWithExpertModel` (pi0 / pi05) by class swap: `embed_image` runs the
+    SigLIP tower through encoder-side reduction when one is configured, then the model's own projector."""
+
+    streams: StreamSet | None = None
+
+    def embed_image(self, image: Tensor) -> Tensor:
+        if self.streams is None or not self.streams.config.active:
+            return super().embed_image(image)
+        hidden = self.streams.encode(image.to(torch.float32))  # the tower is kept in fp32, as lerobot does
+        return self.paligemma.model.multi_modal_projector(hidden).to(image.dtype)
+
+
+_ENCODED_CLASSES: dict[type, type] = {}
+
+
+def attach_encoder(paligemma_with_expert: nn.Module, config: EncoderConfig) -> StreamSet:
+    """Give the model's `embed_image` encoder-side reduction (class swap; same parameters)."""
+    base = type(paligemma_with_expert)
+    if not issubclass(base, EncodedImageMixin):
+        if base not in _ENCODED_CLASSES:
+            _ENCODED_CLASSES[base] = type(f"Encoded{base.__name__}", (EncodedImageMixin, base), {})
+        paligemma_with_expert.__class__ = _ENCODED_CLASSES[base]
+    vision = paligemma_with_expert.paligemma.model.vision_tower.vision_model
+    paligemma_with_expert.streams = StreamSet(siglip_tower(vision, -1, final_norm=True), config)
+    return paligemma_with_expert.streams
+
+
 class PrunedPrefixMixin:
     """Mixed into `PI0Pytorch` / `PI05Pytorch`: the prefix embeddings pass through the pruner.
 
@@ -300,16 +329,22 @@ class PrunedPolicyMixin:
         self.model.__class__ = pruned_model_class
         self.pruner = self.model.pruner = VisualTokenPruner(
             self.config.pruning_options(), self.model.paligemma_with_expert, self.config.chunk_size)
+        self.streams = attach_encoder(self.model.paligemma_with_expert, self.config.encoder_config())
+        self.encoder_stats: EncoderStats | None = None  # what the vision tower computed in the last chunk
 
     def configure_pruning(self, **changes: Any) -> None:
         """Change pruning fields of the config between chunks (`PruningConfigMixin.set_pruning`). The
-        importance history is kept: compare variants from a fresh episode (`reset`)."""
+        importance history is kept: compare variants from a fresh episode (`reset`). Changing the encoder
+        fields starts its reuse state afresh."""
         self.pruner.options = self.config.set_pruning(len(self.pruner.vlm_layers), **changes)
+        if any(name in changes for name in ENCODER_FIELDS):
+            self.streams = attach_encoder(self.model.paligemma_with_expert, self.config.encoder_config())
 
     def reset(self) -> None:
         super().reset()
         if hasattr(self, "pruner"):  # the base __init__ calls reset() before the pruner exists
             self.pruner.reset()
+            self.streams.reset()
 
     @property
     def last_kept(self) -> dict[str, Tensor]:
@@ -335,10 +370,12 @@ class PrunedPolicyMixin:
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], **kwargs: Any) -> Tensor:
         self.pruner.begin_chunk(self.camera_order(batch))
+        self.streams.begin()
         try:
             actions = super().predict_action_chunk(batch, **kwargs)
         except BaseException:
             self.pruner.cancel_chunk()
             raise
         self.pruner.end_chunk()
+        self.encoder_stats = self.streams.take_stats() if self.streams.config.active else None
         return actions

@@ -19,3 +19,4 @@ class SmolVLAPrunedConfig(SmolVLAConfig, PruningConfigMixin):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.pruning_options().validate(self.num_vlm_layers if self.num_vlm_layers > 0 else None)
+        self.encoder_config()

@@ -39,6 +39,8 @@ from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy, VLAFlowMatc
 from lerobot.policies.smolvla.smolvlm_with_expert import SmolVLMWithExpertModel
 from torch import Tensor
 
+from policies.pruning_config import ENCODER_FIELDS
+from streamprune.encoder import StreamSet, siglip_tower
 from streamprune.errors import ConfigError
 from streamprune.importance import ImportanceState, carry_over
 from streamprune.reduce.vla import budget, select_tokens
@@ -240,9 +242,14 @@ class PrunableVLMWithExpert(SmolVLMWithExpertModel):
     """lerobot's SmolVLMWithExpertModel with pruning hooks (assigned by class swap, never constructed)."""
 
     pruner: ChunkPruner | None = None
+    streams: StreamSet | None = None  # encoder-side reduction, one reuse state per camera and batch element
 
     def embed_image(self, image: Tensor) -> Tensor:
-        emb = super().embed_image(image)
+        if self.streams is not None and self.streams.config.active:
+            vlm = self.get_vlm_model()
+            emb = vlm.connector(self.streams.encode(image.to(dtype=vlm.vision_model.dtype)))
+        else:
+            emb = super().embed_image(image)
         return emb if self.pruner is None else self.pruner.on_image(emb)
 
     def forward_attn_layer(self, model_layers, inputs_embeds, layer_idx, position_ids, attention_mask,
@@ -312,15 +319,33 @@ class SmolVLAPrunedPolicy(SmolVLAPolicy):
         if config.prune_layer >= self.model.vlm_with_expert.num_vlm_layers:
             raise ConfigError(f"prune_layer must be below the {self.model.vlm_with_expert.num_vlm_layers} "
                               f"VLM layers, got {config.prune_layer}")
+        self._attach_encoder()
+
+    def _attach_encoder(self) -> None:
+        """Encoder-side reduction on SmolVLM's SigLIP (its output goes through post_layernorm, then the connector)."""
+        vision = self.model.vlm_with_expert.get_vlm_model().vision_model
+        self.model.vlm_with_expert.streams = StreamSet(siglip_tower(vision, -1, final_norm=True),
+                                                       self.config.encoder_config())
+
+    @property
+    def encoder_stats(self):
+        """What the vision tower computed in the last chunk (`EncoderStats`), or None before any chunk."""
+        return getattr(self, "_encoder_stats", None)
 
     def configure_pruning(self, **changes) -> None:
         """Change pruning fields of the config between chunks (`PruningConfigMixin.set_pruning`). The
-        importance history is kept: compare variants from a fresh episode (`reset`)."""
+        importance history is kept: compare variants from a fresh episode (`reset`). Changing the encoder
+        fields starts its reuse state afresh."""
         self.config.set_pruning(self.model.vlm_with_expert.num_vlm_layers, **changes)
+        if any(name in changes for name in ENCODER_FIELDS):
+            self._attach_encoder()
 
     def reset(self) -> None:
         """Episode start: empty the action queue, forget importance history, re-seed the random baseline."""
         super().reset()
+        streams = getattr(self.model.vlm_with_expert, "streams", None)
+        if streams is not None:  # the base __init__ calls reset() before the encoder is attached
+            streams.reset()
         self.action_importance: dict[str, ImportanceState] = {}
         self.seen_semantic: dict[str, Tensor] = {}
         self.generator = torch.Generator().manual_seed(0)
@@ -367,8 +392,11 @@ class SmolVLAPrunedPolicy(SmolVLAPolicy):
             self.model.vlm_with_expert.pruner = None
 
     def _get_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None, **kwargs) -> Tensor:
+        streams = self.model.vlm_with_expert.streams
+        streams.begin()
         with self.pruning(self.camera_names(batch)) as pruner:
             actions = super()._get_action_chunk(batch, noise, **kwargs)
+        self._encoder_stats = streams.take_stats() if streams.config.active else None
         self.remember(pruner)
         return actions
 

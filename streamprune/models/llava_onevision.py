@@ -17,6 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from streamprune.encoder import (
+    EncoderConfig,
+    EncoderStats,
+    Tower,
+    VisionEncoder,
+    full_encode_stats,
+    siglip_tower,
+)
+from streamprune.encoder.tokens import merged_visual_tokens
+from streamprune.errors import ConfigError
 from streamprune.models.inner_stage import InnerConfig, InnerStage
 from streamprune.tokens import VisualTokens
 
@@ -35,6 +45,8 @@ class EncodedVideo:
     features: torch.Tensor
     attention: torch.Tensor
     grid_hw: tuple[int, int]
+    encoder: EncoderStats | None = None  # what the tower computed (every patch for the model's own tower)
+    recomputed: torch.Tensor | None = None  # [T, H·W patches] bool, the patches the tower computed (encoder only)
 
 
 @dataclass
@@ -126,13 +138,33 @@ class LlavaOnevisionAdapter:
         out = self.processor.video_processor(videos=[frames], return_tensors="pt")
         return out["pixel_values_videos"].to(self.model.dtype)
 
+    @property
+    def tower(self) -> Tower:
+        """The SigLIP tower up to the layer whose output the model uses, for encoder-side reduction."""
+        if self.config.vision_feature_select_strategy != "full" or isinstance(self.config.vision_feature_layer, list):
+            raise ConfigError("encoder-side reduction needs vision_feature_select_strategy 'full' and one feature layer")
+        return siglip_tower(self.model.model.vision_tower.vision_model, self.config.vision_feature_layer)
+
+    def vision_encoder(self, config: EncoderConfig) -> VisionEncoder:
+        """Encoder-side reduction over this model's tower; it keeps reuse state across `encode` calls
+        until its `reset`."""
+        return VisionEncoder(self.tower, config, attention=True)
+
     @torch.no_grad()
     def encode(self, pixel_values_videos: torch.Tensor, frames_per_batch: int = 8,
-               progress: ProgressFn | None = None) -> EncodedVideo:
+               progress: ProgressFn | None = None, encoder: VisionEncoder | None = None) -> EncodedVideo:
         """Run the vision tower in batches of frames (same numbers as one batch; bounded memory).
 
-        pixel_values_videos: [1, T, 3, S, S]. Returns features [T, N, D] and attention [T, N].
+        pixel_values_videos: [1, T, 3, S, S]. Returns features [T, N, D] and attention [T, N]. With an
+        active `encoder` (see `vision_encoder`) the tower does less work; the projector and 2×2 pooling
+        then run on its output grid as the model's own `get_video_features` does.
         """
+        if encoder is not None and encoder.config.active:
+            out = encoder.encode(pixel_values_videos[0], progress=progress)
+            model = self.model.model
+            feats = model.apply_pooling(model.multi_modal_projector(out.features.to(self.model.dtype)))
+            attention = pool_like_features(out.attention, self.patch_side)
+            return EncodedVideo(feats, attention, self.grid_hw, encoder.take_stats(), out.recomputed)
         layer = self._last_used_vision_layer()
         received: list[torch.Tensor] = []
 
@@ -153,7 +185,15 @@ class LlavaOnevisionAdapter:
             handle.remove()
         feats = torch.cat(features, dim=1).view(num_frames, self.tokens_per_frame, -1)
         attention = pool_like_features(torch.cat(received), self.patch_side)
-        return EncodedVideo(feats, attention, self.grid_hw)
+        return EncodedVideo(feats, attention, self.grid_hw, full_encode_stats(self.tower, num_frames))
+
+    @torch.no_grad()
+    def encode_tokens(self, pixel_values_videos: torch.Tensor, encoder: VisionEncoder) -> VisualTokens:
+        """Merged tower tokens straight to the LLM: each merged token is projected once and stands for the
+        14×14 cells it owns (no unmerge, no pooling; `encoder.tokens`). pixel_values_videos [1, T, 3, S, S]."""
+        state = encoder.encode_merged(pixel_values_videos[0])
+        values = self.model.model.multi_modal_projector(state.x.to(self.model.dtype))
+        return merged_visual_tokens(state, values, (self.patch_side, self.patch_side), self.grid_hw)
 
     def reduced_inputs(self, prompt: PromptInputs, tokens: VisualTokens) -> LLMInputs:
         """Replace the video placeholders with the reduced tokens plus the video's newline token;

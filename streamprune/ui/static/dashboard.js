@@ -43,6 +43,10 @@ const KNOWN = {
     sub: (s) => (s.frames_encoded > 0 ? int(s.tokens_encoded / s.frames_encoded) + " per frame" : ""),
   },
   tokens_kept: { label: "Tokens kept", fmt: count, sub: (s) => pct(s.tokens_kept, s.tokens_encoded) + " of encoded" },
+  patches_computed: {
+    label: "Patches computed", fmt: count,
+    sub: (s) => pct(s.patches_computed, s.patches_total) + " of encoded frames' patches",
+  },
   segments: { label: "Segments", fmt: count },
   kv_tokens: { label: "KV tokens", fmt: count },
   kv_bytes: { label: "KV cache", fmt: bytes },
@@ -50,7 +54,7 @@ const KNOWN = {
   fps: { label: "Throughput", fmt: fixed(1, "fps") },
   ms_per_frame: { label: "Latency", fmt: fixed(1, "ms/frame") },
 };
-const SHOWN_ELSEWHERE = new Set(["answer", "source"]);
+const SHOWN_ELSEWHERE = new Set(["answer", "source", "patches_total"]);
 
 function genericLabel(key) {
   const words = key.replace(/_/g, " ");
