@@ -18,7 +18,7 @@ recomputed); computed rows are fresh.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -298,5 +298,5 @@ class StreamSet:
 
 
 def _add(total: EncoderStats, part: EncoderStats) -> None:
-    for name in ("frames", "keyframes", "patches", "computed_patches", "flops", "flops_full"):
-        setattr(total, name, getattr(total, name) + getattr(part, name))
+    for f in fields(EncoderStats):
+        setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))

@@ -115,17 +115,6 @@ class LlavaOnevisionAdapter:
     def language_model(self):
         return self.model.model.language_model
 
-    def _last_used_vision_layer(self) -> torch.nn.Module:
-        """The SigLIP layer that produces the features the model uses (vision_feature_layer)."""
-        layers = self.model.model.vision_tower.vision_model.encoder.layers
-        chosen = self.config.vision_feature_layer
-        chosen = max(chosen) if isinstance(chosen, list) else chosen
-        # hidden_states[i] is the output of layer i-1 (hidden_states[0] is the patch embedding)
-        index = (len(layers) + 1 + chosen if chosen < 0 else chosen) - 1
-        if index < 0:
-            raise ValueError("vision_feature_layer selects the patch embeddings: there is no attention to read")
-        return layers[index]
-
     def prepare(self, frames: np.ndarray, prompt: str) -> PromptInputs:
         """Chat-format `prompt` with one video of `frames` [T, H, W, 3] uint8 through the model's processor."""
         conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
@@ -140,14 +129,16 @@ class LlavaOnevisionAdapter:
 
     @property
     def tower(self) -> Tower:
-        """The SigLIP tower up to the layer whose output the model uses, for encoder-side reduction."""
-        if self.config.vision_feature_select_strategy != "full" or isinstance(self.config.vision_feature_layer, list):
-            raise ConfigError("encoder-side reduction needs vision_feature_select_strategy 'full' and one feature layer")
-        return siglip_tower(self.model.model.vision_tower.vision_model, self.config.vision_feature_layer)
+        """The SigLIP tower up to the (last) layer whose output the model uses (vision_feature_layer)."""
+        chosen = self.config.vision_feature_layer
+        return siglip_tower(self.model.model.vision_tower.vision_model,
+                            max(chosen) if isinstance(chosen, list) else chosen)
 
     def vision_encoder(self, config: EncoderConfig) -> VisionEncoder:
         """Encoder-side reduction over this model's tower; it keeps reuse state across `encode` calls
         until its `reset`."""
+        if self.config.vision_feature_select_strategy != "full" or isinstance(self.config.vision_feature_layer, list):
+            raise ConfigError("encoder-side reduction needs vision_feature_select_strategy 'full' and one feature layer")
         return VisionEncoder(self.tower, config, attention=True)
 
     @torch.no_grad()
@@ -165,7 +156,8 @@ class LlavaOnevisionAdapter:
             feats = model.apply_pooling(model.multi_modal_projector(out.features.to(self.model.dtype)))
             attention = pool_like_features(out.attention, self.patch_side)
             return EncodedVideo(feats, attention, self.grid_hw, encoder.take_stats(), out.recomputed)
-        layer = self._last_used_vision_layer()
+        tower = self.tower
+        layer = tower.layers[-1]  # its attention gives the importance the reduction reads
         received: list[torch.Tensor] = []
 
         def record(module, args, kwargs):
@@ -185,7 +177,7 @@ class LlavaOnevisionAdapter:
             handle.remove()
         feats = torch.cat(features, dim=1).view(num_frames, self.tokens_per_frame, -1)
         attention = pool_like_features(torch.cat(received), self.patch_side)
-        return EncodedVideo(feats, attention, self.grid_hw, full_encode_stats(self.tower, num_frames))
+        return EncodedVideo(feats, attention, self.grid_hw, full_encode_stats(tower, num_frames))
 
     @torch.no_grad()
     def encode_tokens(self, pixel_values_videos: torch.Tensor, encoder: VisionEncoder) -> VisualTokens:
