@@ -90,7 +90,7 @@ def speed(adapter, videos: dict, labels: list[str], frames: int, done=lambda res
             config = parse_encoder(**CONFIGS[label])
             encoder = adapter.vision_encoder(config) if config.active else None
             t0 = time.perf_counter()
-            encoded = adapter.encode(prompt.pixel_values_videos, encoder=encoder)
+            encoded = adapter.encode(prompt, encoder=encoder)
             vision_s = time.perf_counter() - t0
             towers[label] = tap.take()
             t0 = time.perf_counter()
@@ -138,11 +138,11 @@ def downstream(videos: dict, labels: list[str], frames: int) -> dict:
     for name, path in videos.items():
         clip = read_video(path, num_frames=frames)
         prompt = adapter.prepare(clip.frames, PROMPT)
-        full = adapter.encode(prompt.pixel_values_videos)
+        full = adapter.encode(prompt)
         rows = {}
         for label in labels:
             config = parse_encoder(**CONFIGS[label])
-            encoded = adapter.encode(prompt.pixel_values_videos,
+            encoded = adapter.encode(prompt,
                                      encoder=adapter.vision_encoder(config) if config.active else None)
             for retain in (1.0, RETAIN):
                 tau = {"tau": default_tau(retain)} if retain < 1 else {}

@@ -69,7 +69,7 @@ def main() -> None:
     for name, path in sorted(list_sample_videos().items()):
         clip = read_video(path, num_frames=args.frames)
         prompt = adapter.prepare(clip.frames, "Describe what happens in this video in a few sentences.")
-        encoded = adapter.encode(prompt.pixel_values_videos)
+        encoded = adapter.encode(prompt)
         full_len = prompt.input_ids.shape[1]
         visual = encoded.features.shape[0] * encoded.features.shape[1] + 1
         for retain in args.retain:

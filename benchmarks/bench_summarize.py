@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from streamprune.flops import fastv_prefill_flops, prefill_flops
+from streamprune.models.base import LLMInputs, VideoLLMAdapter
 from streamprune.models.inner_stage import InnerConfig, default_layer
-from streamprune.models.llava_onevision import LlavaOnevisionAdapter, LLMInputs
+from streamprune.models.llava_onevision import LlavaOnevisionAdapter
 from streamprune.models.tiny import byte_level_tokenizer, tiny_model_dir
 from streamprune.reduce import reduce_tokens, temporal_segments
 from streamprune.reduce.holitom import default_tau
@@ -67,7 +68,7 @@ def other_cores_busy(seconds: float = 0.5) -> float:
 
 
 @torch.no_grad()
-def time_prefill(adapter: LlavaOnevisionAdapter, inputs: LLMInputs) -> tuple[float, int]:
+def time_prefill(adapter: VideoLLMAdapter, inputs: LLMInputs) -> tuple[float, int]:
     t0 = time.perf_counter()
     out = adapter.model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, use_cache=True,
                         logits_to_keep=1)
@@ -117,7 +118,7 @@ def main() -> None:
 
     print(f"vision tower on {args.frames} frames (other cores busy before: {other_cores_busy():.2f}) ...", flush=True)
     t0 = time.perf_counter()
-    encoded = adapter.encode(prompt.pixel_values_videos)
+    encoded = adapter.encode(prompt)
     vision_s = time.perf_counter() - t0
     print(f"vision {vision_s:.1f} s")
 

@@ -59,5 +59,6 @@ fi
 ln -sfn "$venv" .venv
 # Re-point the editable install at this clone when it points elsewhere (another clone, CI).
 if [ "$(.venv/bin/python -P -c 'import streamprune, os; print(os.path.dirname(os.path.dirname(streamprune.__file__)))' 2>/dev/null)" != "$root" ]; then
-  .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+  # through the venv's own path: console scripts get a shebang that stays valid for every clone
+  "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
 fi

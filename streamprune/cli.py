@@ -55,7 +55,8 @@ def _encoder(args: argparse.Namespace):
 def _add_video_and_reduction_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by `summarize` and `fidelity`: input, model, outer and inner reduction."""
     p.add_argument("video", metavar="VIDEO", help="video file, or sample:NAME for a bundled sample (sample:bigbuckbunny)")
-    p.add_argument("--model", default="tiny", help="hub ID, local folder, or 'tiny' (random weights, offline) [tiny]")
+    p.add_argument("--model", default="tiny", help="hub ID, local folder, or a tiny offline model: tiny (LLaVA-OneVision), "
+                        "tiny-llava-video, tiny-qwen2.5-vl, tiny-qwen3-vl, tiny-smolvlm2 (random weights) [tiny]")
     p.add_argument("--method", default="holitom", choices=sorted(METHODS), help="outer-LLM reduction [holitom]")
     p.add_argument("--retain", type=_ratio, default=0.1, help="fraction of visual tokens kept, in (0, 1] [0.1]")
     p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly [32]")
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("source", metavar="SOURCE",
                     help="file, sample:NAME, webcam[:N] or /dev/videoN, rtsp:// http(s):// udp:// tcp:// URL, "
                          "or synthetic[:static|moving-box]")
-    st.add_argument("--model", default="tiny", help="hub ID, local folder, or 'tiny' [tiny]")
+    st.add_argument("--model", default="tiny", help="a LLaVA-OneVision hub ID or folder, or 'tiny' [tiny]")
     st.add_argument("--retain", type=_ratio, default=0.1, help="fraction of each segment's tokens kept [0.1]")
     st.add_argument("--ask", metavar="TEXT", help="question to answer from the stream")
     st.add_argument("--every", type=_ratio, metavar="SECONDS", help="ask every SECONDS of stream time (else once at the end)")
@@ -199,9 +200,11 @@ def print_report(report: SummaryReport, console) -> None:
         table.add_row("vision tower", f"{enc['spec']}",
                       f"{enc['computed_fraction']:.0%} of patches computed, {enc['keyframes']} of {enc['frames']} "
                       f"frames whole, {fl['vision'] / fl['vision_unreduced']:.0%} of the tower's FLOPs")
-    table.add_row("vision tokens", f"{tok['vision']:,}", f"{tok['vision'] // max(report.frames, 1)} per frame")
+    per = "frame pair" if tok["token_grids"] < report.frames else "frame"
+    table.add_row("vision tokens", f"{tok['vision']:,}", f"{tok['vision'] // max(tok['token_grids'], 1)} per {per}")
     table.add_row("after temporal merge", f"{tok['after_temporal_merge']:,}", f"{tok['after_temporal_merge'] / tok['vision']:.1%}")
-    table.add_row("into the LLM", f"{tok['llm_input']:,}", f"{(tok['llm_input'] - 1) / tok['vision']:.1%} (+1 newline)")
+    layout = f" (+{tok['layout']} newline{'s' * (tok['layout'] != 1)})" if tok["layout"] else ""
+    table.add_row("into the LLM", f"{tok['llm_input']:,}", f"{tok['kept'] / tok['vision']:.1%}{layout}")
     table.add_row("prompt length", f"{tok['prompt']:,}", f"unreduced {tok['prompt_unreduced']:,}")
     if report.inner.get("mode", "none") != "none":
         inner = report.inner

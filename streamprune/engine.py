@@ -106,6 +106,9 @@ class _Pending:
 
 class StreamEngine:
     def __init__(self, adapter: LlavaOnevisionAdapter, config: StreamConfig | None = None) -> None:
+        if not adapter.supports_streaming:
+            raise ConfigError(f"streaming supports LLaVA-OneVision models; this model is {adapter.model_type} "
+                              "(use `streamprune summarize` for it)")
         self.adapter = adapter
         self.config = config or StreamConfig()
         self.config.validate()
@@ -187,7 +190,7 @@ class StreamEngine:
             self._counts["frames_skipped"] += 1
         else:
             pixels = self.adapter.pixel_values(image[None])
-            encoded = self.adapter.encode(pixels, encoder=self.vision)
+            encoded = self.adapter.encode_pixels(pixels, encoder=self.vision)
             features, attention = encoded.features[0], encoded.attention[0]
             self._last_thumb = thumb
             self._counts["frames_encoded"] += 1

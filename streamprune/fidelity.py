@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from streamprune.models.base import EncodedVideo, LLMInputs, PromptInputs, VideoLLMAdapter
 from streamprune.models.inner_stage import InnerConfig
-from streamprune.models.llava_onevision import EncodedVideo, LlavaOnevisionAdapter, LLMInputs, PromptInputs
 from streamprune.reduce import reduce_tokens
 from streamprune.tokens import VisualTokens
 
@@ -42,30 +42,29 @@ class Fidelity:
 
 
 @torch.no_grad()
-def teacher_forced(adapter: LlavaOnevisionAdapter, inputs: LLMInputs, answer: torch.Tensor,
+def teacher_forced(adapter: VideoLLMAdapter, inputs: LLMInputs, answer: torch.Tensor,
                    inner: InnerConfig | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One full forward over prompt + answer[:-1]. Returns log-probs [steps, V] at the answer positions
     and the last prompt token's final hidden state [C]."""
     steps = answer.shape[1]
-    embeds = torch.cat([inputs.inputs_embeds, adapter.model.get_input_embeddings()(answer[:, :-1])], 1)
-    mask = torch.ones(embeds.shape[:2], dtype=inputs.attention_mask.dtype)
     with adapter.inner_stage(inputs, inner):
-        out = adapter.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, output_hidden_states=True)
+        out = adapter.forward(inputs, answer[:, :-1], output_hidden_states=True)
     logits = out.logits[0, -steps:]
     return F.log_softmax(logits.float(), -1), out.hidden_states[-1][0, -steps]
 
 
 @torch.no_grad()
-def compare(adapter: LlavaOnevisionAdapter, prompt: PromptInputs, encoded: EncodedVideo, method: str,
+def compare(adapter: VideoLLMAdapter, prompt: PromptInputs, encoded: EncodedVideo, method: str,
             retain: float, inner: InnerConfig | None = None, steps: int = 32, reference: EncodedVideo | None = None,
             **reduce_options) -> Fidelity:
     """Reduced (outer `method` at `retain`, plus optional `inner`) vs unreduced on the same video/prompt.
 
     `reference`: the full encode when `encoded` came from encoder-side reduction (else `encoded` is both)."""
     full_encode = reference or encoded
-    full = adapter.reduced_inputs(prompt, VisualTokens.unreduced(full_encode.features, full_encode.grid_hw))
+    unreduced = VisualTokens.unreduced(full_encode.features, full_encode.grid_hw)
+    full = adapter.reduced_inputs(prompt, unreduced, full_encode)
     tokens = reduce_tokens(method, encoded.features, encoded.attention, encoded.grid_hw, retain, **reduce_options)
-    reduced = adapter.reduced_inputs(prompt, tokens)
+    reduced = adapter.reduced_inputs(prompt, tokens, encoded)
 
     reference = adapter.generate(full, steps)
     ref_logp, ref_hidden = teacher_forced(adapter, full, reference, None)
@@ -96,7 +95,7 @@ def run_fidelity(opts, steps: int = 32, progress=None) -> dict:
     options = reduction_options(opts)
     reference = None
     if opts.encoder.active:  # the unreduced side sees the model's own tower
-        reference = run.loaded.adapter.encode(run.prompt.pixel_values_videos,
+        reference = run.loaded.adapter.encode(run.prompt,
                                               progress=progress and (lambda d, t: progress("full encode", d, t)))
     result = compare(run.loaded.adapter, run.prompt, run.encoded, opts.method, opts.retain, opts.inner,
                      steps=steps, reference=reference, **options)

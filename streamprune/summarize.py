@@ -14,8 +14,8 @@ from streamprune.encoder import EncoderConfig
 from streamprune.errors import ConfigError
 from streamprune.flops import fastv_prefill_flops, kv_cache_bytes_per_token, prefill_flops
 from streamprune.models import LoadedModel, load_video_llm
+from streamprune.models.base import EncodedVideo, LLMInputs, PromptInputs
 from streamprune.models.inner_stage import InnerConfig, validate
-from streamprune.models.llava_onevision import EncodedVideo, PromptInputs
 from streamprune.reduce import METHODS, reduce_tokens
 from streamprune.reduce.holitom import default_tau
 from streamprune.sources import VideoClip, read_video, resolve_video_arg
@@ -156,10 +156,10 @@ def encode_video(opts: SummarizeOptions, progress: ProgressFn | None = None) -> 
 
     loaded = load_video_llm(opts.model)
     inner_layer = validate(opts.inner, loaded.adapter.config.text_config.num_hidden_layers)
-    prompt = loaded.adapter.prepare(clip.frames, opts.prompt)
+    prompt = loaded.adapter.prepare(clip.frames, opts.prompt, clip.timestamps)
     encoder = loaded.adapter.vision_encoder(opts.encoder) if opts.encoder.active else None
     t0 = time.perf_counter()
-    encoded = loaded.adapter.encode(prompt.pixel_values_videos, progress=_stage(progress, "vision tower"),
+    encoded = loaded.adapter.encode(prompt, progress=_stage(progress, "vision tower"),
                                     encoder=encoder)
     timing["vision"] = time.perf_counter() - t0
     return EncodedRun(clip, loaded, prompt, encoded, inner_layer, timing)
@@ -198,7 +198,7 @@ def summarize(opts: SummarizeOptions, progress: ProgressFn | None = None) -> Sum
     timing["reduce"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    inputs = adapter.reduced_inputs(prompt, tokens)
+    inputs = adapter.reduced_inputs(prompt, tokens, encoded)
     probe = PrefillProbe(adapter.language_model)
     if progress:
         probe.on_step = lambda n: progress("generate", n, opts.max_new_tokens)
@@ -212,13 +212,15 @@ def summarize(opts: SummarizeOptions, progress: ProgressFn | None = None) -> Sum
     after_inner = stage.tokens_after if stage else seq_len
     per_layer = [seq_len] * inner_layer + [after_inner] * (adapter.config.text_config.num_hidden_layers - inner_layer)
     inner = inner_summary(opts.inner, inner_layer, installed=stage is not None)
-    report = _report(opts, loaded, clip, tokens, prompt.input_ids.shape[1], per_layer, tau, inner, timing,
+    report = _report(opts, loaded, clip, tokens, inputs, prompt.input_ids.shape[1], per_layer, tau, inner, timing,
                      probe.kv_cache_bytes, adapter.decode(new_ids), new_ids.shape[1], encoded)
     if opts.save_viz:
         from streamprune.viz import render_reduction
 
         title = f"{Path(clip.path).name} · {opts.method} retain {opts.retain:g}" + (f" τ={tau:g}" if tau else "")
-        render_reduction(clip.frames, tokens, timestamps=clip.timestamps, title=title, path=opts.save_viz)
+        step = adapter.frames_per_grid  # one picture per token grid (its first frame)
+        render_reduction(clip.frames[::step], tokens, timestamps=clip.timestamps[::step], title=title,
+                         path=opts.save_viz)
         report.viz = str(opts.save_viz)
         if opts.encoder.reuse is not None and encoded.recomputed is not None:
             from streamprune.viz import render_recomputed
@@ -231,9 +233,9 @@ def summarize(opts: SummarizeOptions, progress: ProgressFn | None = None) -> Sum
     return report
 
 
-def _report(opts: SummarizeOptions, loaded, clip, tokens: VisualTokens, full_len: int, per_layer: list[int],
-            tau: float | None, inner: dict, timing: dict[str, float], kv_bytes: int, summary: str, generated: int,
-            encoded: EncodedVideo) -> SummaryReport:
+def _report(opts: SummarizeOptions, loaded, clip, tokens: VisualTokens, inputs: LLMInputs, full_len: int,
+            per_layer: list[int], tau: float | None, inner: dict, timing: dict[str, float], kv_bytes: int,
+            summary: str, generated: int, encoded: EncodedVideo) -> SummaryReport:
     text_config = loaded.adapter.config.text_config
     vision_tokens = tokens.num_frames * tokens.tokens_per_frame
     notes = []
@@ -247,13 +249,16 @@ def _report(opts: SummarizeOptions, loaded, clip, tokens: VisualTokens, full_len
         method=opts.method if opts.retain < 1.0 else "none",
         retain=opts.retain,
         tau=tau,
-        frames=tokens.num_frames,
+        frames=len(clip.frames),
         timestamps=[round(float(t), 3) for t in clip.timestamps],
         segments=[[s, e] for s, e in tokens.segments],
         tokens={
             "vision": vision_tokens,
             "after_temporal_merge": tokens.after_temporal,
-            "llm_input": len(tokens) + 1,  # + LLaVA-OneVision's one newline token per video
+            "token_grids": tokens.num_frames,  # frames, or frame pairs for Qwen2.5-VL
+            "kept": len(tokens),
+            "llm_input": int(inputs.visual_mask.sum()),  # the kept tokens plus layout tokens (newlines)
+            "layout": int(inputs.visual_mask.sum()) - len(tokens),
             "prompt": per_layer[0],
             "after_inner": per_layer[-1],  # sequence length from the inner-merge layer on
             "prompt_unreduced": full_len,

@@ -64,6 +64,17 @@ class VisualTokens:
     def __len__(self) -> int:
         return self.features.shape[0]
 
+    def carry(self, values: torch.Tensor) -> torch.Tensor:
+        """Other per-token values [T, N, C] (e.g. Qwen3-VL's DeepStack features) reduced along with the
+        tokens: each output token gets the mean over the originals it accounts for, dropped ones excluded
+        (exact when nothing was reduced). Returns [M, C]."""
+        flat = values.reshape(-1, values.shape[-1]).float()
+        used = self.fate.flatten() != Fate.DROPPED
+        origin = self.origin.flatten()[used]
+        total = torch.zeros(len(self), flat.shape[1]).index_add_(0, origin, flat[used])
+        count = torch.bincount(origin, minlength=len(self)).clamp(min=1)
+        return (total / count[:, None]).to(values.dtype)
+
     @classmethod
     def unreduced(cls, features: torch.Tensor, grid_hw: tuple[int, int]) -> VisualTokens:
         """All T·N tokens of `features` [T, N, D], frame by frame in raster order."""

@@ -63,8 +63,8 @@ def test_ratio_zero_is_the_unmodified_tower(adapter, pixels, spec):
     config = parse_encoder(spec)
     assert not config.active
     prompt = pixels[None]
-    plain = adapter.encode(prompt)
-    encoded = adapter.encode(prompt, encoder=adapter.vision_encoder(config))
+    plain = adapter.encode_pixels(prompt)
+    encoded = adapter.encode_pixels(prompt, encoder=adapter.vision_encoder(config))
     assert torch.equal(encoded.features, plain.features) and torch.equal(encoded.attention, plain.attention)
 
 
@@ -173,8 +173,8 @@ def test_merging_unmerges_to_the_grid_with_sizes_summing_to_the_patches(adapter,
 
 
 def test_adapter_encode_with_merging_feeds_the_projector_and_pooling(adapter, pixels):
-    encoded = adapter.encode(pixels[None, :4], encoder=adapter.vision_encoder(parse_encoder("tome:0.5")))
-    plain = adapter.encode(pixels[None, :4])
+    encoded = adapter.encode_pixels(pixels[None, :4], encoder=adapter.vision_encoder(parse_encoder("tome:0.5")))
+    plain = adapter.encode_pixels(pixels[None, :4])
     assert encoded.features.shape == plain.features.shape == (4, 196, adapter.config.text_config.hidden_size)
     assert encoded.attention.shape == (4, 196)
     assert encoded.encoder.flops < plain.encoder.flops == plain.encoder.flops_full

@@ -45,7 +45,7 @@ def moving_box(count: int, size: int = 48, seed: int = 0) -> np.ndarray:
 def test_full_lookahead_gives_the_offline_segments(adapter, clip):
     engine = StreamEngine(adapter, StreamConfig(retain=0.25, lookahead=None, max_segment=1024, skip_threshold=0))
     records = feed(engine, clip.frames, clip.timestamps)
-    offline = temporal_segments(adapter.encode(adapter.pixel_values(clip.frames)).features, tau=0.8)
+    offline = temporal_segments(adapter.encode_pixels(adapter.pixel_values(clip.frames)).features, tau=0.8)
     assert [r.frames for r in records] == offline
     assert sum(r.tokens_in for r in records) == 24 * 196
 

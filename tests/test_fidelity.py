@@ -18,7 +18,7 @@ def encoded_sample(sample_video):
     adapter = load_video_llm("tiny").adapter
     clip = read_video(sample_video, num_frames=8)
     prompt = adapter.prepare(clip.frames, "Summarize the video.")
-    return adapter, prompt, adapter.encode(prompt.pixel_values_videos)
+    return adapter, prompt, adapter.encode(prompt)
 
 
 def test_no_reduction_is_perfect_fidelity(encoded_sample):

@@ -45,7 +45,7 @@ def reference_tokens(tiny, prompt_inputs):
 def test_reduction_off_generates_exactly_what_the_unmodified_model_does(tiny, prompt_inputs, reference_tokens,
                                                                          method, retain):
     adapter = tiny.adapter
-    encoded = adapter.encode(prompt_inputs.pixel_values_videos, frames_per_batch=3)  # batching must not matter
+    encoded = adapter.encode(prompt_inputs, frames_per_batch=3)  # batching must not matter
     tokens = reduce_tokens(method, encoded.features, encoded.attention, encoded.grid_hw, retain)
     inputs = adapter.reduced_inputs(prompt_inputs, tokens)
     assert inputs.inputs_embeds.shape[1] == prompt_inputs.input_ids.shape[1]
@@ -56,7 +56,7 @@ def test_reduction_off_generates_exactly_what_the_unmodified_model_does(tiny, pr
 def test_tiny_model_output_depends_on_the_video(tiny, prompt_inputs, reference_tokens):
     """Guards the equivalence test: a model that ignored its input would pass it trivially."""
     adapter = tiny.adapter
-    encoded = adapter.encode(prompt_inputs.pixel_values_videos)
+    encoded = adapter.encode(prompt_inputs)
     tokens = reduce_tokens("holitom", encoded.features, encoded.attention, encoded.grid_hw, 0.1)
     inputs = adapter.reduced_inputs(prompt_inputs, tokens)
     assert inputs.inputs_embeds.shape[1] == prompt_inputs.input_ids.shape[1] - (FRAMES * 196 - len(tokens))
@@ -66,7 +66,7 @@ def test_tiny_model_output_depends_on_the_video(tiny, prompt_inputs, reference_t
 
 
 def test_vision_attention_is_a_distribution_per_frame(tiny, prompt_inputs):
-    encoded = tiny.adapter.encode(prompt_inputs.pixel_values_videos)
+    encoded = tiny.adapter.encode(prompt_inputs)
     assert encoded.features.shape == (FRAMES, 196, tiny.adapter.config.text_config.hidden_size)
     assert encoded.attention.shape == (FRAMES, 196)
     assert (encoded.attention > 0).all()

@@ -1,7 +1,12 @@
-"""Model loading: by hub ID, local folder, or `tiny` (random weights, built offline)."""
+"""Model loading: by hub ID, local folder, or a tiny random-weight model built offline (`tiny`, `tiny-*`).
+
+The adapter comes from the checkpoint's config.json: the first of ADAPTERS whose `matches(config)`
+holds (LLaVA-Video before LLaVA-OneVision: same classes, LLaVA-Video's pooling keys in the config).
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from dataclasses import dataclass
@@ -9,15 +14,37 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from streamprune.errors import ModelError
-from streamprune.models.llava_onevision import LlavaOnevisionAdapter
-from streamprune.models.tiny import RANDOM_WEIGHTS_MARKER, tiny_model_dir
+from streamprune.models.base import VideoLLMAdapter
+from streamprune.models.tiny import RANDOM_WEIGHTS_MARKER, TINY_MODELS, tiny_model_dir
 
-SUPPORTED = {"llava_onevision": LlavaOnevisionAdapter}
+# "module:Class", imported on use (each pulls its transformers model classes)
+ADAPTERS = (
+    "streamprune.models.llava_video:LlavaVideoAdapter",
+    "streamprune.models.llava_onevision:LlavaOnevisionAdapter",
+    "streamprune.models.qwen2_5_vl:Qwen2_5_VLAdapter",
+    "streamprune.models.qwen3_vl:Qwen3VLAdapter",
+    "streamprune.models.smolvlm2:SmolVLM2Adapter",
+)
+
+
+def _load(path: str) -> type[VideoLLMAdapter]:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def adapter_for(config) -> type[VideoLLMAdapter]:
+    """The adapter class for a checkpoint's config (ModelError if none fits)."""
+    classes = [_load(path) for path in ADAPTERS]
+    for cls in classes:
+        if cls.matches(config):
+            return cls
+    supported = sorted({cls.model_type for cls in classes})
+    raise ModelError(f"unsupported model type {config.model_type!r}; supported: {', '.join(supported)}")
 
 
 @dataclass
 class LoadedModel:
-    adapter: LlavaOnevisionAdapter
+    adapter: VideoLLMAdapter
     name: str
     random_weights: bool
 
@@ -36,10 +63,12 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def resolve_model_source(name: str) -> tuple[str, bool]:
     """Return (path or hub ID to load, whether to restrict loading to local files)."""
-    if name == "tiny":
-        return str(tiny_model_dir()), True
+    if name in TINY_MODELS:
+        return str(tiny_model_dir(name)), True
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser()), True
+    if name.startswith("tiny"):
+        raise ModelError(f"unknown tiny model {name!r}; choose one of: {', '.join(TINY_MODELS)}")
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelError(f"model not found: {name!r} is neither a local folder nor a hub ID like 'org/name'")
     from huggingface_hub import try_to_load_from_cache
@@ -65,13 +94,11 @@ def load_video_llm(name: str) -> LoadedModel:
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model config from {name!r}: {str(exc).splitlines()[0]}") from exc
-    if config.model_type not in SUPPORTED:
-        raise ModelError(f"unsupported model type {config.model_type!r} in {name!r}; "
-                         f"supported: {', '.join(SUPPORTED)}")
+    adapter_cls = adapter_for(config)
     try:
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32, local_files_only=local_only)
         processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
     random_weights = Path(source, RANDOM_WEIGHTS_MARKER).exists()
-    return LoadedModel(SUPPORTED[config.model_type](model.eval(), processor), name, random_weights)
+    return LoadedModel(adapter_cls(model.eval(), processor), name, random_weights)

@@ -15,6 +15,7 @@ before K (sizes from the outer reduction) and after it (sizes after the inner me
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from contextlib import contextmanager
@@ -66,6 +67,22 @@ def validate(config: InnerConfig, num_layers: int) -> int:
     return layer
 
 
+def model_rope(attn: torch.nn.Module):
+    """The model's own RoPE for attention layer `attn`: rope(q, k, cos, sin) -> (q, k). M-RoPE models
+    (Qwen2.5-VL) apply it per t/h/w channel section."""
+    module = sys.modules[type(attn).__module__]
+    if hasattr(module, "apply_multimodal_rotary_pos_emb"):
+        return functools.partial(module.apply_multimodal_rotary_pos_emb,
+                                 mrope_section=attn.config.rope_parameters["mrope_section"])
+    return module.apply_rotary_pos_emb
+
+
+def _head_norm(attn: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Qwen3-style per-head RMSNorm of q or k ([..., heads, head_dim]) where the layer has one."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)
+
+
 def query_attention(attn: torch.nn.Module, query_hidden: torch.Tensor, query_rope, keys: torch.Tensor,
                     mask_row: torch.Tensor | None = None) -> torch.Tensor:
     """Head-averaged attention of one query over keys, in one attention layer.
@@ -74,9 +91,9 @@ def query_attention(attn: torch.nn.Module, query_hidden: torch.Tensor, query_rop
     keys: [B, kv_heads, L, hd] after RoPE (as a cache holds them); mask_row: [B, 1, L] bool (True = may
     attend) or additive. Returns [B, L].
     """
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own RoPE
+    rope = model_rope(attn)
     b = query_hidden.shape[0]
-    q = attn.q_proj(query_hidden).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+    q = _head_norm(attn, "q_norm", attn.q_proj(query_hidden).view(b, 1, -1, attn.head_dim)).transpose(1, 2)
     q, _ = rope(q, q, *query_rope)
     k = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
     logits = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, H, L]
@@ -87,10 +104,10 @@ def query_attention(attn: torch.nn.Module, query_hidden: torch.Tensor, query_rop
 
 def last_token_attention(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings, attention_mask) -> torch.Tensor:
     """Head-averaged attention of the last token over all tokens of `hidden` [B, L, C]. Returns [B, L]."""
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    rope = model_rope(attn)
     b, length, _ = hidden.shape
     cos, sin = position_embeddings
-    k = attn.k_proj(hidden).view(b, length, -1, attn.head_dim).transpose(1, 2)
+    k = _head_norm(attn, "k_norm", attn.k_proj(hidden).view(b, length, -1, attn.head_dim)).transpose(1, 2)
     _, k = rope(k, k, cos, sin)
     mask_row = None if attention_mask is None else attention_mask[:, :, -1, :length]
     return query_attention(attn, hidden[:, -1:], (cos[..., -1:, :], sin[..., -1:, :]), k, mask_row)
@@ -107,7 +124,10 @@ def _gather_rows_cols(mask: torch.Tensor | None, rows: torch.Tensor | None, cols
 
 
 def _gather_seq(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Gather sequence positions `keep` [B, L'] from t [B|1, L] or [B|1, L, d] (RoPE cos/sin)."""
+    """Gather sequence positions `keep` [B, L'] from t [B|1, L] (position ids), [B|1, L, d] (RoPE cos/sin)
+    or [3, B|1, L, d] (M-RoPE cos/sin, one per t/h/w row)."""
+    if t.dim() == 4:
+        return torch.stack([_gather_seq(row, keep) for row in t])
     t = t.expand(keep.shape[0], *t.shape[1:])
     if t.dim() == 2:
         return t.gather(1, keep)

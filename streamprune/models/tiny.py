@@ -7,6 +7,8 @@ so tests and demos exercise the same loading path as a real checkpoint.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
 import os
 import shutil
 from collections.abc import Callable
@@ -19,6 +21,16 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 TINY_LLAVA_ONEVISION = CONFIG_DIR / "tiny-llava-onevision.yaml"
 RANDOM_WEIGHTS_MARKER = "streamprune_random_weights.txt"
+
+# --model name → (spec in configs/models/, "module:function" that builds it into a folder)
+TINY_MODELS = {
+    "tiny": ("tiny-llava-onevision.yaml", "streamprune.models.tiny:build_tiny_llava_onevision"),
+    "tiny-llava-onevision": ("tiny-llava-onevision.yaml", "streamprune.models.tiny:build_tiny_llava_onevision"),
+    "tiny-llava-video": ("tiny-llava-video.yaml", "streamprune.models.llava_video:build_tiny"),
+    "tiny-qwen2.5-vl": ("tiny-qwen2.5-vl.yaml", "streamprune.models.qwen2_5_vl:build_tiny"),
+    "tiny-qwen3-vl": ("tiny-qwen3-vl.yaml", "streamprune.models.qwen3_vl:build_tiny"),
+    "tiny-smolvlm2": ("tiny-smolvlm2.yaml", "streamprune.models.smolvlm2:build_tiny"),
+}
 
 
 def cache_dir() -> Path:
@@ -79,6 +91,12 @@ def build_tiny_llava_onevision(out_dir: Path, spec_path: Path = TINY_LLAVA_ONEVI
         vision_feature_select_strategy=spec["vision_feature_select_strategy"],
         chat_template=spec["chat_template"],
     )
+    return save_random(out_dir, spec_path, model, processor)
+
+
+def save_random(out_dir: Path, spec_path: Path, model, processor) -> Path:
+    """Write a random-weight model and its processor with `save_pretrained`; the marker goes last, so a
+    folder with the marker is complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -89,7 +107,10 @@ def build_tiny_llava_onevision(out_dir: Path, spec_path: Path = TINY_LLAVA_ONEVI
 def cached_build(spec_path: Path, build: Callable[[Path, Path], Path]) -> Path:
     """The folder `build(out_dir, spec_path)` writes, built on first use under the cache, keyed by the spec
     and the transformers version. `build` must write RANDOM_WEIGHTS_MARKER last."""
-    key = hashlib.sha256(spec_path.read_bytes() + transformers.__version__.encode()).hexdigest()[:12]
+    # keyed by the builder's module and this one too, so a changed builder never serves a stale model
+    code = inspect.getsource(inspect.getmodule(build)) + Path(__file__).read_text()
+    source = (spec_path.read_text() + code + transformers.__version__).encode()
+    key = hashlib.sha256(source).hexdigest()[:12]
     out = cache_dir() / "models" / f"{spec_path.stem}-{key}"
     if not (out / RANDOM_WEIGHTS_MARKER).exists():
         # build aside, then rename: an interrupted build never looks complete
@@ -100,6 +121,8 @@ def cached_build(spec_path: Path, build: Callable[[Path, Path], Path]) -> Path:
     return out
 
 
-def tiny_model_dir(spec_path: Path = TINY_LLAVA_ONEVISION) -> Path:
-    """The tiny LLaVA-OneVision folder, built on first use."""
-    return cached_build(spec_path, build_tiny_llava_onevision)
+def tiny_model_dir(name: str = "tiny") -> Path:
+    """The folder of tiny model `name` (a TINY_MODELS key), built on first use."""
+    spec, builder = TINY_MODELS[name]
+    module, function = builder.split(":")
+    return cached_build(CONFIG_DIR / spec, getattr(importlib.import_module(module), function))

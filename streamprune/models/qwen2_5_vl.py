@@ -1,0 +1,254 @@
+"""Thin adapter over transformers' `Qwen2_5_VLForConditionalGeneration`.
+
+Qwen2.5-VL turns each pair of frames (temporal_patch_size 2) into one token grid of (H/28)×(W/28)
+tokens: 14-px patches in a windowed ViT, 2×2 patches merged per token. Its decoder uses 3-D M-RoPE: a
+visual token's position is (t, h, w) from `get_rope_index`, text continues from the largest position
++ 1. Dropping tokens and letting the model renumber 1-D (what `inputs_embeds` alone gives) silently
+loses where every token was, so reduced tokens keep the (t, h, w) they had in the unreduced sequence
+(`get_rope_index` run on the full prompt), text after the video keeps its original positions, and
+decoding continues from there (generate steps each row by +1). A merged token takes the position of
+its representative — the cluster centre for spatial merges; a temporally merged token sits at its
+segment's first grid, where HoliTom places it in the sequence.
+
+Importance: attention received in the tower's last full-attention block (within each frame pair),
+averaged over heads and queries, then over the 2×2 patches of each token.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from streamprune.encoder import EncoderStats
+from streamprune.flops import vision_flops
+from streamprune.models.base import (
+    EncodedVideo,
+    LLMInputs,
+    ProgressFn,
+    PromptInputs,
+    VideoLLMAdapter,
+    sizes_row,
+)
+from streamprune.models.tiny import byte_level_tokenizer, save_random
+from streamprune.tokens import VisualTokens
+
+
+def received_attention_varlen(hidden: torch.Tensor, attn: torch.nn.Module, position_embeddings,
+                              cu_seqlens: torch.Tensor, head_chunk: int = 4) -> torch.Tensor:
+    """Mean attention each patch receives in a Qwen2.5-VL vision attention layer, within its segment.
+
+    hidden: [S, C] the layer's attention input (all patches, window order); cu_seqlens: [G + 1] segment
+    boundaries (one frame pair each in a full-attention block). Returns [S].
+    """
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision  # the model's own
+    s = hidden.shape[0]
+    q, k, _ = attn.qkv(hidden).reshape(s, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = rope(q, k, *position_embeddings)
+    q, k = q.transpose(0, 1), k.transpose(0, 1)  # [heads, S, hd]
+    out = hidden.new_zeros(s)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        for h in range(0, attn.num_heads, head_chunk):
+            weights = torch.softmax(q[h:h + head_chunk, a:b] @ k[h:h + head_chunk, a:b].transpose(-1, -2)
+                                    * attn.scaling, -1)
+            out[a:b] += weights.sum(dim=(0, 1))
+        out[a:b] /= attn.num_heads * (b - a)
+    return out
+
+
+class Qwen2_5_VLAdapter(VideoLLMAdapter):
+    """Qwen2.5-VL: a token grid per frame pair, 3-D M-RoPE positions kept for every surviving token."""
+
+    model_type = "qwen2_5_vl"
+    frames_per_grid = 2
+
+    def __init__(self, model, processor) -> None:
+        super().__init__(model, processor)
+        self.video_token_id = self.config.video_token_id
+        vision = self.config.vision_config
+        self.frames_per_grid = vision.temporal_patch_size
+        self.merge = vision.spatial_merge_size
+        self.grid_hw = (0, 0)  # set per video by `prepare` (the grid follows the video's aspect ratio)
+        # False: the naive alternative — visual tokens renumbered 1-D like text (for the benchmark's ablation)
+        self.keep_3d_positions = True
+
+    def prepare(self, frames: np.ndarray, prompt: str, timestamps: np.ndarray | None = None) -> PromptInputs:
+        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        fps = _sampled_fps(timestamps)
+        out = self.processor(text=[text], videos=[frames], return_tensors="pt", return_mm_token_type_ids=True,
+                             videos_kwargs={"fps": fps, "do_sample_frames": False})
+        grid = out["video_grid_thw"]
+        self.grid_hw = (int(grid[0, 1]) // self.merge, int(grid[0, 2]) // self.merge)
+        extra = {"video_grid_thw": grid, "mm_token_type_ids": out["mm_token_type_ids"]}
+        if "second_per_grid_ts" in out:
+            extra["second_per_grid_ts"] = torch.as_tensor(out["second_per_grid_ts"])
+        return PromptInputs(out["input_ids"], out["attention_mask"], out["pixel_values_videos"].to(self.model.dtype),
+                            extra)
+
+    @torch.no_grad()
+    def encode(self, prompt: PromptInputs, frames_per_batch: int = 8, progress: ProgressFn | None = None,
+               encoder=None) -> EncodedVideo:
+        """The model's own vision tower, a few frame pairs at a time (each pair is attended on its own, so
+        batching does not change the numbers). Returns features [G, N, D] (G frame pairs, N = H·W tokens
+        in raster order) and attention [G, N]."""
+        if encoder is not None and encoder.config.active:
+            self.vision_encoder(encoder.config)  # raises: not supported for this tower
+        visual = self.model.model.visual
+        t, h, w = (int(x) for x in prompt.extra["video_grid_thw"][0])
+        per_grid = h * w  # patches per frame pair
+        received: list[torch.Tensor] = []
+
+        def record(module, args, kwargs):
+            received.append(received_attention_varlen(kwargs["hidden_states"] if "hidden_states" in kwargs
+                                                      else args[0], module, kwargs["position_embeddings"],
+                                                      kwargs["cu_seqlens"]))
+
+        handle = self.importance_block().attn.register_forward_pre_hook(record, with_kwargs=True)
+        groups = max(1, frames_per_batch // self.frames_per_grid)
+        features, scores, side = [], [], []
+        try:
+            for start in range(0, t, groups):
+                n = min(groups, t - start)
+                grid = torch.tensor([[n, h, w]])
+                pixels = prompt.pixel_values_videos[start * per_grid:(start + n) * per_grid]
+                out = self.model.model.get_video_features(pixels, grid)
+                features.append(torch.cat(out.pooler_output))
+                side.append(getattr(out, "deepstack_features", None) or [])
+                per_token = received.pop().view(-1, self.merge ** 2).mean(1)  # 2×2 patches per token
+                scores.append(per_token[self.raster_order(visual, grid)])
+                if progress:
+                    progress(min((start + n) * self.frames_per_grid, t * self.frames_per_grid),
+                             t * self.frames_per_grid)
+        finally:
+            handle.remove()
+        tokens = self.grid_hw[0] * self.grid_hw[1]
+        side_features = [torch.cat(layer).view(t, tokens, -1) for layer in zip(*side, strict=True)]
+        return EncodedVideo(torch.cat(features).view(t, tokens, -1), torch.cat(scores).view(t, tokens),
+                            self.grid_hw, self.tower_stats(t, per_grid), side_features=side_features)
+
+    def importance_block(self) -> torch.nn.Module:
+        """The vision block whose attention gives the importance: the last full-attention one."""
+        visual = self.model.model.visual
+        return visual.blocks[max(visual.fullatt_block_indexes)]
+
+    @staticmethod
+    def raster_order(visual, grid: torch.Tensor) -> torch.Tensor:
+        """Permutation from the blocks' token order to raster order: the ViT runs windows of tokens
+        together, and the model undoes that after the merger (its `reverse_indices`)."""
+        window_index, _ = visual.get_window_index(grid)
+        return torch.argsort(window_index)
+
+    def tower_stats(self, grids: int, patches: int) -> EncoderStats:
+        """FLOPs of the full vision tower on `grids` frame pairs of `patches` patches each: windowed blocks
+        attend within windows of (window_size/patch)² patches, full blocks within the frame pair."""
+        vision = self.config.vision_config
+        window = min(patches, (vision.window_size // vision.patch_size) ** 2)
+        counts = [(patches, patches if i in vision.fullatt_block_indexes else window, patches)
+                  for i in range(vision.depth)]
+        # vision_flops counts a 2-matrix MLP; Qwen's SwiGLU has 3 matrices (1.5×)
+        flops = grids * vision_flops(vision.hidden_size, int(1.5 * vision.intermediate_size), counts)
+        return EncoderStats(grids, grids, grids * patches, grids * patches, flops, flops)
+
+    def full_positions(self, prompt: PromptInputs) -> torch.Tensor:
+        """The model's own 3-D positions of the unreduced prompt: [3, 1, L]."""
+        extra = prompt.extra
+        positions, _ = self.model.model.get_rope_index(prompt.input_ids, extra["mm_token_type_ids"],
+                                                       video_grid_thw=extra["video_grid_thw"],
+                                                       second_per_grid_ts=extra.get("second_per_grid_ts"),
+                                                       attention_mask=prompt.attention_mask)
+        return positions
+
+    def layout(self, prompt: PromptInputs, tokens: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the reduced prompt's positions come from in the unreduced one, and the token order.
+
+        The video placeholders of the unreduced prompt are grid-major (grid g's N tokens in raster order,
+        in one run or one run per grid). Each grid's surviving tokens take the place of its placeholders,
+        in `tokens`' order; text stays. Returns keep [L'] (index into the unreduced prompt of each
+        reduced position) and order [M] (the tokens' order of appearance)."""
+        ids = prompt.input_ids[0]
+        video = (ids == self.video_token_id).nonzero().squeeze(1)  # [T·N]
+        text = (ids != self.video_token_id).nonzero().squeeze(1)
+        n = tokens.tokens_per_frame
+        order = torch.argsort(tokens.frame, stable=True)
+        source = video[tokens.frame[order] * n + tokens.position[order]]
+        # sort key: text by its own index; a token by its grid's first placeholder, then its rank
+        m = len(order)
+        keys = torch.cat([text * (m + 1), video[tokens.frame[order] * n] * (m + 1) + 1 + torch.arange(m)])
+        return torch.cat([text, source])[torch.argsort(keys)], order
+
+    def reduced_inputs(self, prompt: PromptInputs, tokens: VisualTokens,
+                       encoded: EncodedVideo | None = None) -> LLMInputs:
+        """The prompt with each grid's placeholders replaced by its surviving tokens, and position_ids
+        [4, 1, L']: a 1-D text row (the mask's), then the t/h/w rows the model's own `get_rope_index`
+        gives those positions in the unreduced prompt (see the module docstring)."""
+        keep, order = self.layout(prompt, tokens)
+        new_ids = prompt.input_ids[0, keep][None]
+        visual = new_ids == self.video_token_id
+        embeds = self.embed(new_ids, self.video_token_id, tokens.features[order])
+        length = new_ids.shape[1]
+        text_row = torch.arange(length)[None, None]
+        if self.keep_3d_positions:
+            rope = self.full_positions(prompt)[:, :, keep]
+        else:  # naive: every row numbered like text, as inputs_embeds without position_ids would be
+            rope = text_row.expand(3, 1, length)
+        return LLMInputs(embeds, torch.ones_like(new_ids), visual, sizes_row(visual, tokens.size[order]),
+                         torch.cat([text_row, rope]))
+
+
+def _sampled_fps(timestamps: np.ndarray | None) -> float:
+    """Frames per second of the sampled frames (the processor spaces temporal positions by it)."""
+    if timestamps is None or len(timestamps) < 2 or timestamps[-1] <= timestamps[0]:
+        return 2.0  # Qwen2.5-VL's default sampling rate
+    return float((len(timestamps) - 1) / (timestamps[-1] - timestamps[0]))
+
+
+def random_qwen(spec_path: Path, config_cls, model_cls, make_processor):
+    """A random-weight Qwen-VL model (`config_cls`, `model_cls`) and its processor from a spec in
+    configs/models/ (tiny, or a real checkpoint's dimensions for speed measurements), with a byte-level
+    tokenizer carrying the Qwen-VL special tokens. make_processor(spec, tokenizer) builds the processor.
+    Returns (model, processor)."""
+    spec = yaml.safe_load(spec_path.read_text())
+    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = byte_level_tokenizer(specials)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    # a real-size spec gives the real vocabulary (the LM head's cost); the byte tokenizer uses the first ids
+    text = {"vocab_size": len(tok), **spec["text_config"], "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id, "bos_token_id": None}
+    config = config_cls(text_config=text, vision_config=spec["vision_config"],
+                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                        tie_word_embeddings=spec["text_config"].get("tie_word_embeddings", True))
+    torch.manual_seed(spec.get("seed", 0))
+    model = model_cls(config).eval()
+    model.generation_config.eos_token_id = None  # random weights: run to max_new_tokens
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, make_processor(spec, tok)
+
+
+def build_random(spec_path: Path):
+    """A random-weight Qwen2.5-VL and its processor (see `random_qwen`)."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    def processor(spec, tok):
+        bounds = {"min_pixels": spec["pixels"]["min"], "max_pixels": spec["pixels"]["max"]}
+        return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**bounds),
+                                   video_processor=Qwen2VLVideoProcessor(**bounds),
+                                   tokenizer=tok, chat_template=spec["chat_template"])
+
+    return random_qwen(spec_path, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, processor)
+
+
+def build_tiny(out_dir: Path, spec_path: Path) -> Path:
+    """Write the random-weight model of `spec_path` (model, processor, tokenizer) to `out_dir`."""
+    return save_random(out_dir, spec_path, *build_random(spec_path))
