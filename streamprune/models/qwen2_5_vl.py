@@ -79,13 +79,18 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
     def prepare(self, frames: np.ndarray, prompt: str, timestamps: np.ndarray | None = None) -> PromptInputs:
         conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        fps = _sampled_fps(timestamps)
+        # our frames are already sampled: tell the processor their rate (it spaces temporal positions, and
+        # Qwen3-VL's timestamps, by it) and keep it from sampling again
+        from transformers.video_utils import VideoMetadata
+
+        metadata = VideoMetadata(total_num_frames=len(frames), fps=_sampled_fps(timestamps),
+                                 frames_indices=list(range(len(frames))))
         out = self.processor(text=[text], videos=[frames], return_tensors="pt", return_mm_token_type_ids=True,
-                             videos_kwargs={"fps": fps, "do_sample_frames": False})
+                             videos_kwargs={"video_metadata": [metadata], "do_sample_frames": False})
         grid = out["video_grid_thw"]
         self.grid_hw = (int(grid[0, 1]) // self.merge, int(grid[0, 2]) // self.merge)
         extra = {"video_grid_thw": grid, "mm_token_type_ids": out["mm_token_type_ids"]}
-        if "second_per_grid_ts" in out:
+        if "second_per_grid_ts" in out:  # Qwen2.5-VL only
             extra["second_per_grid_ts"] = torch.as_tensor(out["second_per_grid_ts"])
         return PromptInputs(out["input_ids"], out["attention_mask"], out["pixel_values_videos"].to(self.model.dtype),
                             extra)
@@ -101,6 +106,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         visual = self.model.model.visual
         t, h, w = (int(x) for x in prompt.extra["video_grid_thw"][0])
         per_grid = h * w  # patches per frame pair
+        grid_hw = (h // self.merge, w // self.merge)
         received: list[torch.Tensor] = []
 
         def record(module, args, kwargs):
@@ -126,10 +132,10 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
                              t * self.frames_per_grid)
         finally:
             handle.remove()
-        tokens = self.grid_hw[0] * self.grid_hw[1]
+        tokens = grid_hw[0] * grid_hw[1]
         side_features = [torch.cat(layer).view(t, tokens, -1) for layer in zip(*side, strict=True)]
         return EncodedVideo(torch.cat(features).view(t, tokens, -1), torch.cat(scores).view(t, tokens),
-                            self.grid_hw, self.tower_stats(t, per_grid), side_features=side_features)
+                            grid_hw, self.tower_stats(t, per_grid), side_features=side_features)
 
     def importance_block(self) -> torch.nn.Module:
         """The vision block whose attention gives the importance: the last full-attention one."""

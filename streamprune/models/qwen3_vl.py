@@ -19,7 +19,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from streamprune.encoder import EncoderStats
@@ -27,7 +26,7 @@ from streamprune.errors import ConfigError
 from streamprune.flops import vision_flops
 from streamprune.models.base import EncodedVideo, LLMInputs, PromptInputs
 from streamprune.models.inner_stage import InnerConfig, validate
-from streamprune.models.qwen2_5_vl import Qwen2_5_VLAdapter, _sampled_fps, random_qwen
+from streamprune.models.qwen2_5_vl import Qwen2_5_VLAdapter, random_qwen
 from streamprune.models.tiny import save_random
 from streamprune.tokens import VisualTokens
 
@@ -36,19 +35,6 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     """Qwen3-VL: a token grid per frame pair with its timestamp, 3-D positions kept, DeepStack carried."""
 
     model_type = "qwen3_vl"
-
-    def prepare(self, frames: np.ndarray, prompt: str, timestamps: np.ndarray | None = None) -> PromptInputs:
-        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        # our frames are already sampled: tell the processor their rate so it writes the right timestamps
-        metadata = {"fps": _sampled_fps(timestamps), "total_num_frames": len(frames),
-                    "frames_indices": list(range(len(frames)))}
-        out = self.processor(text=[text], videos=[frames], video_metadata=[metadata], return_tensors="pt",
-                             return_mm_token_type_ids=True, videos_kwargs={"do_sample_frames": False})
-        grid = out["video_grid_thw"]
-        self.grid_hw = (int(grid[0, 1]) // self.merge, int(grid[0, 2]) // self.merge)
-        return PromptInputs(out["input_ids"], out["attention_mask"], out["pixel_values_videos"].to(self.model.dtype),
-                            {"video_grid_thw": grid, "mm_token_type_ids": out["mm_token_type_ids"]})
 
     def importance_block(self) -> torch.nn.Module:
         return self.model.model.visual.blocks[-1]  # every block attends over the whole frame pair
