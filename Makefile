@@ -40,7 +40,8 @@ bench-vla-encoder: setup
 
 bench-models: setup
 	.venv/bin/python -m benchmarks.bench_models --model qwen2.5-vl-3b --max-pixels 200704
-	.venv/bin/python -m benchmarks.bench_models --model smolvlm2-500m
+	.venv/bin/python -m benchmarks.bench_models --model smolvlm2-500m --repeats 3
+	.venv/bin/python -m benchmarks.bench_models --model smolvlm2-500m --videos bigbuckbunny carphone_distorted --encoder reuse tome:0.9 reuse+tome:0.9 --out benchmarks/results/models_smolvlm2-500m_encoder.json
 	.venv/bin/python -m benchmarks.bench_models --model tiny-qwen2.5-vl --steps 16 --videos bigbuckbunny bikes carphone_distorted carphone_pristine
 	.venv/bin/python -m benchmarks.bench_models --model tiny-qwen3-vl --steps 16 --videos bigbuckbunny bikes carphone_distorted carphone_pristine
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.machine import describe
+from streamprune.encoder import parse_encoder
 from streamprune.models.tiny import CONFIG_DIR
 from streamprune.reduce import reduce_tokens
 from streamprune.reduce.holitom import default_tau
@@ -102,20 +103,32 @@ def run_video(adapter, video: str, args, positions_ablation: bool) -> dict:
 
     # "exact": temporal merging off, so the LLM gets exactly retain·T·N tokens, as it would from a trained
     # tower on a busy video (random towers give near-identical frames, which HoliTom merges far below budget)
-    configs = {"unreduced": ("none", 1.0, None)}
+    configs = {"unreduced": ("none", 1.0, None, "full")}
     for r in args.retain:
-        configs |= {f"holitom@{r:g}": ("holitom", r, default_tau(r)),
-                    f"holitom@{r:g} exact": ("holitom", r, NO_TEMPORAL_MERGE)}
-    rows, inputs = {}, {}
-    for key, (method, retain, tau) in configs.items():
+        configs |= {f"holitom@{r:g}": ("holitom", r, default_tau(r), "full"),
+                    f"holitom@{r:g} exact": ("holitom", r, NO_TEMPORAL_MERGE, "full")}
+    encodings = {"full": (encoded, vision_s)}
+    for spec in args.encoder:  # encoder-side reduction, then HoliTom at the exact budget
         t0 = time.perf_counter()
-        tokens = reduce_tokens(method, encoded.features, encoded.attention, encoded.grid_hw, retain,
+        encodings[spec] = (adapter.encode(prompt, encoder=adapter.vision_encoder(parse_encoder(spec))),
+                           time.perf_counter() - t0)
+        print(f"  --encoder {spec}: vision {encodings[spec][1]:.1f} s", flush=True)
+        configs |= {f"{spec} + holitom@{r:g} exact": ("holitom", r, NO_TEMPORAL_MERGE, spec) for r in args.retain}
+    rows, inputs = {}, {}
+    for key, (method, retain, tau, source) in configs.items():
+        enc, seconds = encodings[source]
+        t0 = time.perf_counter()
+        tokens = reduce_tokens(method, enc.features, enc.attention, enc.grid_hw, retain,
                                **({"tau": tau} if method == "holitom" else {}))
         reduce_s = time.perf_counter() - t0
-        inputs[key] = adapter.reduced_inputs(prompt, tokens, encoded)
+        inputs[key] = adapter.reduced_inputs(prompt, tokens, enc)
         rows[key] = {"tokens_into_llm": int(inputs[key].visual_mask.sum()),
                      "seq_len": inputs[key].inputs_embeds.shape[1], "reduce_s": round(reduce_s, 4),
-                     "prefill_samples_s": [], "first_token_samples_s": []}
+                     "vision_s": round(seconds, 2), "prefill_samples_s": [], "first_token_samples_s": []}
+        if source != "full":
+            rows[key]["vision_feature_cosine"] = round(float(F.cosine_similarity(
+                enc.features.float(), encoded.features.float(), -1).mean()), 4)
+            rows[key]["patches_computed"] = round(enc.encoder.computed_fraction, 3)
     for rep in range(args.repeats):
         for key in (list(inputs) if rep % 2 == 0 else list(reversed(inputs))):
             prefill, first = time_to_first_token(adapter, inputs[key])
@@ -129,7 +142,7 @@ def run_video(adapter, video: str, args, positions_ablation: bool) -> dict:
     base_ttft = vision_s + base["reduce_s"] + statistics.median(base["first_token_samples_s"])
     for key, row in rows.items():
         prefill = statistics.median(row["prefill_samples_s"])
-        ttft = vision_s + row["reduce_s"] + statistics.median(row["first_token_samples_s"])
+        ttft = row["vision_s"] + row["reduce_s"] + statistics.median(row["first_token_samples_s"])
         row.update(prefill_s=round(prefill, 3), prefill_speedup=round(base_prefill / prefill, 2),
                    ttft_s=round(ttft, 2), ttft_speedup=round(base_ttft / ttft, 3),
                    **(fidelity(ref_logp, answer_logprobs(adapter, inputs[key], reference)) if key != "unreduced"
@@ -137,8 +150,8 @@ def run_video(adapter, video: str, args, positions_ablation: bool) -> dict:
     if positions_ablation:  # same tokens, positions renumbered 1-D: fidelity only (the cost is the same)
         adapter.keep_3d_positions = False
         try:
-            for key, (method, retain, tau) in configs.items():
-                if method == "none":
+            for key, (method, retain, tau, source) in configs.items():
+                if method == "none" or source != "full":
                     continue
                 tokens = reduce_tokens(method, encoded.features, encoded.attention, encoded.grid_hw, retain, tau=tau)
                 naive = adapter.reduced_inputs(prompt, tokens, encoded)
@@ -161,6 +174,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8, help="teacher-forced answer positions for the proxies")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--encoder", nargs="*", default=[], metavar="SPEC",
+                        help="also run encoder-side reduction SPEC (e.g. reuse+tome:0.9), then HoliTom")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="cap on pixels per frame for Qwen (its processor's max_pixels); default: the spec's")
     parser.add_argument("--spec", default=None, help="another spec of the same model (e.g. a tiny one, to smoke-test)")

@@ -12,8 +12,7 @@ import pytest
 import torch
 from num2words import num2words
 
-from streamprune.encoder import VisionEncoder, parse_encoder
-from streamprune.errors import ConfigError
+from streamprune.encoder import parse_encoder
 from streamprune.models import load_video_llm
 from streamprune.models.base import raster_order
 from streamprune.models.inner_stage import InnerConfig
@@ -221,12 +220,20 @@ def test_inner_stage_cached_equals_nocache_recomputation(adapter, prompt, encode
         assert not torch.allclose(adapter.forward(inputs).logits[:, -1], plain_first)  # the stage acts
 
 
-def test_encoder_side_reduction_is_refused(adapter, prompt):
-    config = parse_encoder("reuse")
-    with pytest.raises(ConfigError):
-        adapter.vision_encoder(config)
-    with pytest.raises(ConfigError, match="not supported"):
-        adapter.encode(prompt, encoder=VisionEncoder(adapter.tower, config, attention=True))
+def test_encoder_side_reduction_runs_on_the_siglip_tower(adapter, prompt, encoded, clip):
+    # merging: the connector gets the unmerged [T, 32², C] grid, so the LLM side is unchanged
+    merged = adapter.encode(prompt, encoder=adapter.vision_encoder(parse_encoder("tome:0.5")))
+    assert merged.features.shape == encoded.features.shape and merged.attention.shape == encoded.attention.shape
+    assert merged.encoder.flops < encoded.encoder.flops
+    cosine = torch.nn.functional.cosine_similarity(merged.features, encoded.features, -1).mean()
+    assert 0.5 < cosine < 1.0
+    # reuse on a still video: only the first frame goes through the tower, and every frame's tokens equal
+    # the model's own encoding of that frame
+    still = adapter.prepare(np.repeat(clip.frames[:1], 4, axis=0), PROMPT)
+    reused = adapter.encode(still, encoder=adapter.vision_encoder(parse_encoder("reuse")))
+    assert reused.encoder.computed_patches == 32 * 32 and reused.recomputed[1:].sum() == 0
+    plain = adapter.encode(still)
+    assert torch.allclose(reused.features, plain.features, atol=1e-4)
 
 
 def test_cli_json(sample_video):

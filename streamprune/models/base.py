@@ -142,7 +142,7 @@ class VideoLLMAdapter:
 
     def vision_encoder(self, config: EncoderConfig) -> VisionEncoder:
         raise ConfigError(f"encoder-side reduction (--encoder) is not supported for {self.model_type} yet; "
-                          "it runs on SigLIP towers (LLaVA-OneVision, SmolVLA, pi0)")
+                          "it runs on SigLIP towers (LLaVA-OneVision, LLaVA-Video, SmolVLM2, SmolVLA, pi0)")
 
     @torch.no_grad()
     def generate(self, inputs: LLMInputs, max_new_tokens: int, logits_processor=None) -> torch.Tensor:

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import yaml
 
-from streamprune.encoder import Tower, VisionEncoder, full_encode_stats, siglip_tower
-from streamprune.errors import ConfigError, ModelError
+from streamprune.encoder import EncoderConfig, Tower, VisionEncoder, full_encode_stats, siglip_tower
+from streamprune.errors import ModelError
 from streamprune.models.base import (
     EncodedVideo,
     LLMInputs,
@@ -120,6 +120,11 @@ class SmolVLM2Adapter(VideoLLMAdapter):
         """The SigLIP tower: every layer, then post_layernorm (what `get_image_features` uses)."""
         return siglip_tower(self.model.model.vision_model, -1, final_norm=True)
 
+    def vision_encoder(self, config: EncoderConfig) -> VisionEncoder:
+        """Encoder-side reduction over this model's SigLIP tower; it keeps reuse state across `encode`
+        calls until its `reset`."""
+        return VisionEncoder(self.tower, config, attention=True)
+
     def prepare(self, frames: np.ndarray, prompt: str, timestamps: np.ndarray | None = None) -> SmolVLMPromptInputs:
         """Frames [T, H, W, 3] uint8 at `timestamps` seconds (None: DEFAULT_FPS) through the model's processor,
         without its frame sampling. The intro's duration is the last frame's time, which is what the
@@ -142,11 +147,16 @@ class SmolVLM2Adapter(VideoLLMAdapter):
 
         prompt.pixel_values_videos: [1, T, 3, S, S]. Returns features [T, N, D_text], attention [T, N].
         """
-        if encoder is not None and encoder.config.active:
-            raise ConfigError("encoder-side reduction (--encoder) is not supported for smolvlm yet")
         pixels = prompt.pixel_values_videos
         pixel_mask = prompt.extra.get("pixel_attention_mask")
         model = self.model.model
+        if encoder is not None and encoder.config.active:
+            # the tower does less work (reuse, merging); the connector then runs on its [T, 32², C] output
+            # as get_image_features does (frames are never padded here: the processor squares them)
+            out = encoder.encode(pixels[0], progress=progress)
+            features = model.connector(out.features.to(self.model.dtype))
+            return EncodedVideo(features, pool_patch_scores(out.attention, model.connector), self.grid_hw,
+                                encoder.take_stats(), out.recomputed)
         tower = self.tower
         received: list[torch.Tensor] = []
 
