@@ -202,8 +202,14 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
             rope = self.full_positions(prompt)[:, :, keep]
         else:  # naive: every row numbered like text, as inputs_embeds without position_ids would be
             rope = text_row.expand(3, 1, length)
-        return LLMInputs(embeds, torch.ones_like(new_ids), visual, sizes_row(visual, tokens.size[order]),
-                         torch.cat([text_row, rope]))
+        inputs = LLMInputs(embeds, torch.ones_like(new_ids), visual, sizes_row(visual, tokens.size[order]),
+                           torch.cat([text_row, rope]))
+        self.add_side_inputs(inputs, tokens, order, encoded)
+        return inputs
+
+    def add_side_inputs(self, inputs: LLMInputs, tokens: VisualTokens, order: torch.Tensor,
+                        encoded: EncodedVideo | None) -> None:
+        """Per-token inputs beyond the embeddings, in the tokens' `order` (Qwen3-VL's DeepStack); none here."""
 
 
 def _sampled_fps(timestamps: np.ndarray | None) -> float:

@@ -24,7 +24,7 @@ import torch
 from streamprune.encoder import EncoderStats
 from streamprune.errors import ConfigError
 from streamprune.flops import vision_flops
-from streamprune.models.base import EncodedVideo, LLMInputs, PromptInputs
+from streamprune.models.base import EncodedVideo, LLMInputs
 from streamprune.models.inner_stage import InnerConfig, validate
 from streamprune.models.qwen2_5_vl import Qwen2_5_VLAdapter, random_qwen
 from streamprune.models.tiny import save_random
@@ -53,14 +53,11 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     def deepstack_layers(self) -> int:
         return len(self.config.vision_config.deepstack_visual_indexes)
 
-    def reduced_inputs(self, prompt: PromptInputs, tokens: VisualTokens,
-                       encoded: EncodedVideo | None = None) -> LLMInputs:
+    def add_side_inputs(self, inputs: LLMInputs, tokens: VisualTokens, order: torch.Tensor,
+                        encoded: EncodedVideo | None) -> None:
         if encoded is None or len(encoded.side_features) != self.deepstack_layers:
             raise ValueError("Qwen3-VL needs the EncodedVideo the tokens came from (its DeepStack features)")
-        inputs = super().reduced_inputs(prompt, tokens)
-        _, order = self.layout(prompt, tokens)
         inputs.deepstack = [tokens.carry(side)[order] for side in encoded.side_features]
-        return inputs
 
     @contextmanager
     def _deepstack(self, inputs: LLMInputs):
