@@ -146,7 +146,7 @@ def downstream(videos: dict, labels: list[str], frames: int) -> dict:
                                      encoder=adapter.vision_encoder(config) if config.active else None)
             for retain in (1.0, RETAIN):
                 tau = {"tau": default_tau(retain)} if retain < 1 else {}
-                result = compare(adapter, prompt, encoded, "holitom", retain, steps=16, reference=full, **tau)
+                result = compare(adapter, prompt, encoded, "holitom", retain, steps=16, reference_encode=full, **tau)
                 rows[f"{label} @ retain {retain:g}"] = {
                     "kl_first_token": round(result.kl_first_token, 4), "kl_mean": round(result.kl_mean, 4),
                     "teacher_forced_agreement": round(result.teacher_forced_agreement, 3),

@@ -1,4 +1,4 @@
-"""Command line: `streamprune summarize | fidelity | stream | policy eval`."""
+"""Command line: `streamprune summarize | fidelity | bench | methods | stream | policy eval`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from streamprune.live import LiveOptions, run_stream
 from streamprune.models.inner_stage import InnerConfig
 from streamprune.policy_eval import CUTS, POLICIES, SELECTIONS, PolicyEvalOptions, run_policy_eval
 from streamprune.reduce import METHODS
+from streamprune.reduce.presets import resolve_method
 from streamprune.summarize import DEFAULT_PROMPT, SummarizeOptions, SummaryReport, summarize
 
 
@@ -55,9 +56,17 @@ def _encoder(args: argparse.Namespace):
 def _add_video_and_reduction_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by `summarize` and `fidelity`: input, model, outer and inner reduction."""
     p.add_argument("video", metavar="VIDEO", help="video file, or sample:NAME for a bundled sample (sample:bigbuckbunny)")
+    _add_reduction_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+
+
+def _add_reduction_args(p: argparse.ArgumentParser) -> None:
+    """Model, sampling, outer and inner reduction, encoder flags (`summarize`, `fidelity`)."""
     p.add_argument("--model", default="tiny", help="hub ID, local folder, or a tiny offline model: tiny (LLaVA-OneVision), "
                         "tiny-llava-video, tiny-qwen2.5-vl, tiny-qwen3-vl, tiny-smolvlm2 (random weights) [tiny]")
-    p.add_argument("--method", default="holitom", choices=sorted(METHODS), help="outer-LLM reduction [holitom]")
+    p.add_argument("--method", default="holitom", metavar="METHOD",
+                   help="reduction method (see `streamprune methods`), or a preset: a name in configs/methods/ or a "
+                        ".yaml path [holitom]")
     p.add_argument("--retain", type=_ratio, default=0.1, help="fraction of visual tokens kept, in (0, 1] [0.1]")
     p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly [32]")
     p.add_argument("--fps", type=_ratio, default=None, help="sample at this rate instead (capped at --frames)")
@@ -74,7 +83,6 @@ def _add_video_and_reduction_args(p: argparse.ArgumentParser) -> None:
                    help="do not add log(size) to the attention logits of merged tokens (ToMe's proportional "
                         "attention, on by default)")
     _add_encoder_args(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
 
 
 class _SimEnvNames:
@@ -106,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "KL of the first answer token, token agreement, hidden-state cosine.")
     _add_video_and_reduction_args(f)
     f.add_argument("--steps", type=int, default=32, help="answer tokens compared [32]")
+    b = sub.add_parser("bench", help="compare reduction methods side by side on videos and a model",
+                       description="Sweep methods × retain ratios: tokens, prefill FLOPs, KV bytes, reduction / prefill / "
+                                   "TTFT times against the unreduced model in the same run, and fidelity proxies. "
+                                   "Writes bench.json, bench.md and bench.png.")
+    b.add_argument("videos", nargs="+", metavar="VIDEO", help="video files or sample:NAME")
+    b.add_argument("--model", default="tiny", help="hub ID, local folder, or a tiny offline model [tiny]")
+    b.add_argument("--methods", default=None, metavar="A,B,...",
+                   help="methods or presets to compare [every registered method]")
+    b.add_argument("--retain", default="0.25,0.1", metavar="R1,R2,...", help="retain ratios [0.25,0.1]")
+    b.add_argument("--frames", type=int, default=16, help="frames sampled per video [16]")
+    b.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported [3]")
+    b.add_argument("--steps", type=int, default=8, help="answer tokens the fidelity proxies compare [8]")
+    b.add_argument("--prompt", default=DEFAULT_PROMPT, help="instruction given with each video")
+    b.add_argument("--out", default="out/bench", help="output folder [out/bench]")
+    b.add_argument("--json", action="store_true", help="print the result JSON instead of the table")
+    sub.add_parser("methods", help="list the reduction methods: paper, where each cuts, criterion")
     st = sub.add_parser("stream", help="watch a live source with live token counts",
                         description="Stream a webcam, network stream, file or test pattern through the streaming "
                                     "engine: online segmentation, merging and incremental prefill.")
@@ -152,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace) -> SummarizeOptions:
-    return SummarizeOptions(video=args.video, model=args.model, method=args.method, retain=args.retain,
+    method, method_options, _ = resolve_method(args.method)
+    return SummarizeOptions(video=getattr(args, "video", ""), model=args.model, method=method, method_options=method_options,
+                            retain=args.retain,
                             frames=args.frames, fps=args.fps, prompt=args.prompt,
                             max_new_tokens=getattr(args, "max_new_tokens", 64), tau=args.tau,
                             save_viz=getattr(args, "save_viz", None),
@@ -224,6 +250,45 @@ def print_report(report: SummaryReport, console) -> None:
         console.print(f"visualization: {report.viz}")
     if report.viz_encoder:
         console.print(f"recomputed patches: {report.viz_encoder}")
+
+
+def _list(text: str, convert=str) -> list:
+    try:
+        return [convert(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"not a comma-separated list of numbers: {text!r}") from None
+
+
+def _bench_options(args: argparse.Namespace):
+    from streamprune.bench import BenchOptions
+
+    methods, options = [], {}
+    for value in _list(args.methods) if args.methods else []:
+        name, method_options, _ = resolve_method(value)
+        methods.append(name)
+        options[name] = method_options
+    return BenchOptions(videos=args.videos, model=args.model, methods=methods or None, retains=_list(args.retain, float),
+                        frames=args.frames, repeats=args.repeats, steps=args.steps, prompt=args.prompt, out=args.out,
+                        method_options=options)
+
+
+def run_bench(opts, progress=None) -> dict:
+    from streamprune.bench import run_bench as bench
+    from streamprune.machine import describe
+
+    return bench(opts, progress=progress, machine=describe())
+
+
+def print_methods(console) -> None:
+    from rich.table import Table
+
+    table = Table(title="reduction methods (--method NAME)", show_lines=True)
+    for col in ("method", "cuts", "criterion", "paper"):
+        table.add_column(col, overflow="fold")
+    for name in sorted(METHODS):
+        m = METHODS[name]
+        table.add_row(name, "+".join(m.cuts) or "—", m.criterion, m.paper)
+    console.print(table)
 
 
 def print_fidelity(result: dict, console) -> None:
@@ -312,6 +377,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result))
             else:
                 print_policy_eval(result, Console())
+        elif args.command == "bench":
+            opts = _bench_options(args)
+            with bars:
+                result = run_bench(opts, progress=update)
+            if args.json:
+                print(json.dumps(result))
+            else:
+                from streamprune.bench import markdown_table
+
+                print(markdown_table(result))
+                print(f"wrote {', '.join(result['outputs'].values())}")
+        elif args.command == "methods":
+            print_methods(Console())
         elif args.command == "fidelity":
             if args.steps < 1:
                 raise ConfigError(f"--steps must be at least 1, got {args.steps}")

@@ -53,32 +53,53 @@ def teacher_forced(adapter: VideoLLMAdapter, inputs: LLMInputs, answer: torch.Te
     return F.log_softmax(logits.float(), -1), out.hidden_states[-1][0, -steps]
 
 
+@dataclass
+class Reference:
+    """The unreduced model's side of a comparison, computed once per video and prompt."""
+
+    inputs: LLMInputs
+    answer: torch.Tensor  # [1, steps] its greedy answer
+    logp: torch.Tensor  # [steps, V] log-probs along that answer
+    hidden: torch.Tensor  # [C] last prompt token's final hidden state
+
+
 @torch.no_grad()
-def compare(adapter: VideoLLMAdapter, prompt: PromptInputs, encoded: EncodedVideo, method: str,
-            retain: float, inner: InnerConfig | None = None, steps: int = 32, reference: EncodedVideo | None = None,
-            **reduce_options) -> Fidelity:
-    """Reduced (outer `method` at `retain`, plus optional `inner`) vs unreduced on the same video/prompt.
+def reference(adapter: VideoLLMAdapter, full: LLMInputs, steps: int) -> Reference:
+    answer = adapter.generate(full, steps)
+    logp, hidden = teacher_forced(adapter, full, answer, None)
+    return Reference(full, answer, logp, hidden)
 
-    `reference`: the full encode when `encoded` came from encoder-side reduction (else `encoded` is both)."""
-    full_encode = reference or encoded
-    unreduced = VisualTokens.unreduced(full_encode.features, full_encode.grid_hw)
-    full = adapter.reduced_inputs(prompt, unreduced, full_encode)
-    tokens = reduce_tokens(method, encoded.features, encoded.attention, encoded.grid_hw, retain, **reduce_options)
-    reduced = adapter.reduced_inputs(prompt, tokens, encoded)
 
-    reference = adapter.generate(full, steps)
-    ref_logp, ref_hidden = teacher_forced(adapter, full, reference, None)
-    red_logp, red_hidden = teacher_forced(adapter, reduced, reference, inner)
-    kl = (ref_logp.exp() * (ref_logp - red_logp)).sum(-1)  # [steps]
+@torch.no_grad()
+def against(adapter: VideoLLMAdapter, ref: Reference, reduced: LLMInputs, inner: InnerConfig | None,
+            steps: int) -> dict:
+    """The proxies of `reduced` (with `inner` installed) against the reference: KL, agreements, cosine."""
+    red_logp, red_hidden = teacher_forced(adapter, reduced, ref.answer, inner)
+    kl = (ref.logp.exp() * (ref.logp - red_logp)).sum(-1)  # [steps]
     with adapter.inner_stage(reduced, inner):
         free = adapter.generate(reduced, steps)
-    n = min(free.shape[1], reference.shape[1])
+    n = min(free.shape[1], ref.answer.shape[1])
+    return {"kl_first_token": float(kl[0]), "kl_mean": float(kl.mean()),
+            "teacher_forced_agreement": float((red_logp.argmax(-1) == ref.answer[0]).float().mean()),
+            "greedy_agreement": float((free[0, :n] == ref.answer[0, :n]).float().sum() / steps),
+            "hidden_cosine": float(F.cosine_similarity(ref.hidden, red_hidden, dim=0))}
+
+
+@torch.no_grad()
+def compare(adapter: VideoLLMAdapter, prompt: PromptInputs, encoded: EncodedVideo, method: str,
+            retain: float, inner: InnerConfig | None = None, steps: int = 32, reference_encode: EncodedVideo | None = None,
+            **reduce_options) -> Fidelity:
+    """Reduced (`method` at `retain` before the LLM, plus the cuts of `inner` inside) vs unreduced on the
+    same video/prompt.
+
+    `reference_encode`: the full encode when `encoded` came from encoder-side reduction (else `encoded` is both)."""
+    full_encode = reference_encode or encoded
+    full = adapter.reduced_inputs(prompt, VisualTokens.unreduced(full_encode.features, full_encode.grid_hw), full_encode)
+    tokens = reduce_tokens(method, encoded.features, encoded.attention, encoded.grid_hw, retain, **reduce_options)
+    reduced = adapter.reduced_inputs(prompt, tokens, encoded)
+    metrics = against(adapter, reference(adapter, full, steps), reduced, inner, steps)
     return Fidelity(
-        kl_first_token=float(kl[0]),
-        kl_mean=float(kl.mean()),
-        teacher_forced_agreement=float((red_logp.argmax(-1) == reference[0]).float().mean()),
-        greedy_agreement=float((free[0, :n] == reference[0, :n]).float().sum() / steps),
-        hidden_cosine=float(F.cosine_similarity(ref_hidden, red_hidden, dim=0)),
+        **metrics,
         steps=steps,
         llm_input_tokens=int(reduced.visual_mask.sum()),
         llm_input_tokens_unreduced=int(full.visual_mask.sum()),
@@ -92,16 +113,16 @@ def run_fidelity(opts, steps: int = 32, progress=None) -> dict:
     from streamprune.summarize import encode_video, inner_summary, reduction_options
 
     run = encode_video(opts, progress)
-    options = reduction_options(opts)
+    options = reduction_options(opts, run.loaded.adapter)
     reference = None
     if opts.encoder.active:  # the unreduced side sees the model's own tower
         reference = run.loaded.adapter.encode(run.prompt,
                                               progress=progress and (lambda d, t: progress("full encode", d, t)))
-    result = compare(run.loaded.adapter, run.prompt, run.encoded, opts.method, opts.retain, opts.inner,
-                     steps=steps, reference=reference, **options)
+    result = compare(run.loaded.adapter, run.prompt, run.encoded, opts.method, opts.retain, run.inner,
+                     steps=steps, reference_encode=reference, **options)
     return {"video": str(run.clip.path), "model": run.loaded.name, "random_weights": run.loaded.random_weights,
             "method": opts.method, "retain": opts.retain, "tau": options.get("tau"),
-            "inner": inner_summary(opts.inner, run.inner_layer, result.inner_installed),
+            "inner": inner_summary(run.inner, run.inner_layer, result.inner_installed),
             "encoder": {**opts.encoder.summary(), **run.encoded.encoder.to_dict()},
             "metrics": "proxy: agreement with the unreduced model, not task accuracy",
             **result.to_dict()}

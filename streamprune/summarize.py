@@ -15,8 +15,8 @@ from streamprune.errors import ConfigError
 from streamprune.flops import fastv_prefill_flops, kv_cache_bytes_per_token, prefill_flops
 from streamprune.models import LoadedModel, load_video_llm
 from streamprune.models.base import EncodedVideo, LLMInputs, PromptInputs
-from streamprune.models.inner_stage import InnerConfig, validate
-from streamprune.reduce import METHODS, reduce_tokens
+from streamprune.models.inner_stage import InnerConfig, method_inner, validate
+from streamprune.reduce import METHODS, get_method, reduce_tokens
 from streamprune.reduce.holitom import default_tau
 from streamprune.sources import VideoClip, read_video, resolve_video_arg
 from streamprune.tokens import VisualTokens
@@ -40,6 +40,7 @@ class SummarizeOptions:
     tau: float | None = None
     save_viz: str | None = None
     inner: InnerConfig = field(default_factory=InnerConfig)
+    method_options: dict = field(default_factory=dict)  # the method's own options (configs/methods/*.yaml)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # encoder-side reduction (parse_encoder)
 
     def validate(self) -> None:
@@ -143,40 +144,63 @@ class EncodedRun:
     encoded: EncodedVideo
     inner_layer: int
     timing: dict[str, float]
+    inner: InnerConfig  # the user's inner config with the method's own cuts inside the LLM
 
 
-def encode_video(opts: SummarizeOptions, progress: ProgressFn | None = None) -> EncodedRun:
-    """Validate, decode the video, load the model, format the prompt and run the vision tower."""
+def decode_clip(opts: SummarizeOptions, progress: ProgressFn | None = None) -> tuple[VideoClip, dict[str, float]]:
+    """Validate the options and decode the video's sampled frames. Returns the clip and its timing."""
     opts.validate()
     video_path = resolve_video_arg(opts.video)
-    timing: dict[str, float] = {}
     t0 = time.perf_counter()
     clip = read_video(video_path, num_frames=opts.frames, fps=opts.fps, progress=_stage(progress, "decode video"))
-    timing["decode_video"] = time.perf_counter() - t0
+    return clip, {"decode_video": time.perf_counter() - t0}
 
-    loaded = load_video_llm(opts.model)
-    inner_layer = validate(opts.inner, loaded.adapter.config.text_config.num_hidden_layers)
+
+def encode_clip(opts: SummarizeOptions, clip: VideoClip, timing: dict[str, float], loaded: LoadedModel | None = None,
+                progress: ProgressFn | None = None) -> EncodedRun:
+    """Load the model (unless `loaded` is given: a server or a batch worker reuses one), format the prompt and
+    run the vision tower on a decoded clip."""
+    loaded = loaded or load_video_llm(opts.model)
+    num_layers = loaded.adapter.config.text_config.num_hidden_layers
+    inner = method_inner(get_method(opts.method), opts.retain, opts.inner, num_layers, **opts.method_options)
+    inner_layer = validate(inner, num_layers)
     prompt = loaded.adapter.prepare(clip.frames, opts.prompt, clip.timestamps)
     encoder = loaded.adapter.vision_encoder(opts.encoder) if opts.encoder.active else None
     t0 = time.perf_counter()
-    encoded = loaded.adapter.encode(prompt, progress=_stage(progress, "vision tower"),
-                                    encoder=encoder)
-    timing["vision"] = time.perf_counter() - t0
-    return EncodedRun(clip, loaded, prompt, encoded, inner_layer, timing)
+    encoded = loaded.adapter.encode(prompt, progress=_stage(progress, "vision tower"), encoder=encoder)
+    timing = {**timing, "vision": time.perf_counter() - t0}
+    return EncodedRun(clip, loaded, prompt, encoded, inner_layer, timing, inner)
 
 
-def reduction_options(opts: SummarizeOptions) -> dict:
-    """Options for `reduce_tokens`: HoliTom's τ (the authors' default for the ratio unless given)."""
+def encode_video(opts: SummarizeOptions, progress: ProgressFn | None = None,
+                 loaded: LoadedModel | None = None) -> EncodedRun:
+    """Decode the video, load the model (unless given), format the prompt and run the vision tower."""
+    clip, timing = decode_clip(opts, progress)
+    return encode_clip(opts, clip, timing, loaded, progress)
+
+
+def reduction_options(opts: SummarizeOptions, adapter=None) -> dict:
+    """Options for `reduce_tokens`: the method's own options, HoliTom's τ (the authors' default for the ratio
+    unless given), and the question's embeddings for methods that read it (given the model's `adapter`)."""
+    options = dict(opts.method_options)
     if opts.method == "holitom" and opts.retain < 1.0:
-        return {"tau": opts.tau if opts.tau is not None else default_tau(opts.retain)}
-    return {}
+        options["tau"] = opts.tau if opts.tau is not None else options.get("tau", default_tau(opts.retain))
+    if adapter is not None and get_method(opts.method).uses_text:
+        options["text"] = adapter.text_embeddings(opts.prompt)
+    return options
 
 
 def inner_summary(inner: InnerConfig, layer: int, installed: bool) -> dict:
-    """What the inner stage did, for reports: merging at K and/or proportional attention."""
+    """What the inner stage did, for reports: cuts at K (one or a schedule), KV pruning, proportional attention."""
     merging = installed and inner.merging
-    return {"mode": inner.mode if merging else "none", "layer": layer if merging else None,
-            "ratio": inner.ratio if merging else 0.0, "merge": inner.merge if merging else None,
+    steps = [{"layer": st.layer, "ratio": round(st.ratio, 4), "criterion": st.criterion, "action": st.action}
+             for st in (inner.steps if merging else ())]
+    mode = "schedule" if steps else inner.mode if merging else "none"
+    return {"mode": mode, "layer": layer if merging else None,
+            "ratio": (steps[0]["ratio"] if steps else inner.ratio) if merging else 0.0,
+            "merge": inner.merge if merging and not steps else None, "steps": steps,
+            "kv": ({"layer": inner.kv.layer, "ratio": inner.kv.ratio, "refresh": inner.kv.refresh}
+                   if installed and inner.kv else None),
             "proportional": installed and inner.proportional}
 
 
@@ -184,15 +208,20 @@ def _stage(progress: ProgressFn | None, stage: str):
     return (lambda done, total: progress(stage, done, total)) if progress else None
 
 
-def summarize(opts: SummarizeOptions, progress: ProgressFn | None = None) -> SummaryReport:
-    """Run the whole pipeline once and report what each stage did and cost."""
-    run = encode_video(opts, progress)
+def summarize(opts: SummarizeOptions, progress: ProgressFn | None = None,
+              loaded: LoadedModel | None = None) -> SummaryReport:
+    """Run the whole pipeline once and report what each stage did and cost (on `loaded`, if given)."""
+    return finish(opts, encode_video(opts, progress, loaded), progress)
+
+
+def finish(opts: SummarizeOptions, run: EncodedRun, progress: ProgressFn | None = None) -> SummaryReport:
+    """After the vision tower: reduce, generate, and report (and draw `--save-viz`)."""
     clip, loaded, prompt, encoded, inner_layer, timing = (run.clip, run.loaded, run.prompt, run.encoded,
                                                           run.inner_layer, run.timing)
     adapter = loaded.adapter
 
     t0 = time.perf_counter()
-    options = reduction_options(opts)
+    options = reduction_options(opts, adapter)
     tau = options.get("tau")
     tokens = reduce_tokens(opts.method, encoded.features, encoded.attention, encoded.grid_hw, opts.retain, **options)
     timing["reduce"] = time.perf_counter() - t0
@@ -202,16 +231,16 @@ def summarize(opts: SummarizeOptions, progress: ProgressFn | None = None) -> Sum
     probe = PrefillProbe(adapter.language_model)
     if progress:
         probe.on_step = lambda n: progress("generate", n, opts.max_new_tokens)
-    with adapter.inner_stage(inputs, opts.inner) as stage, probe.installed():
+    with adapter.inner_stage(inputs, run.inner) as stage, probe.installed():
         new_ids = adapter.generate(inputs, opts.max_new_tokens, logits_processor=[probe])
     timing["prefill"] = probe.prefill_s or 0.0
     timing["ttft"] = timing["vision"] + timing["reduce"] + ((probe.first_token_at or time.perf_counter()) - t0)
     timing["generate"] = time.perf_counter() - t0
 
     seq_len = inputs.inputs_embeds.shape[1]
-    after_inner = stage.tokens_after if stage else seq_len
-    per_layer = [seq_len] * inner_layer + [after_inner] * (adapter.config.text_config.num_hidden_layers - inner_layer)
-    inner = inner_summary(opts.inner, inner_layer, installed=stage is not None)
+    num_layers = adapter.config.text_config.num_hidden_layers
+    per_layer = stage.tokens_by_layer(num_layers, seq_len) if stage else [seq_len] * num_layers
+    inner = inner_summary(run.inner, inner_layer, installed=stage is not None)
     report = _report(opts, loaded, clip, tokens, inputs, prompt.input_ids.shape[1], per_layer, tau, inner, timing,
                      probe.kv_cache_bytes, adapter.decode(new_ids), new_ids.shape[1], encoded)
     if opts.save_viz:

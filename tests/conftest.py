@@ -9,7 +9,9 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 
+from streamprune.models import load_video_llm
 from streamprune.sources import sample_video_path
 from tests.video_server import VideoServer
 
@@ -166,3 +168,25 @@ def stream_videos(make_video: Callable[..., SyntheticVideo]) -> dict[str, Synthe
         "mp4": make_video("stream_600.mp4", 600, fps=10, gop=10, faststart=True),
         "ts": make_video("stream_600.ts", 600, fps=10, gop=10),
     }
+
+
+# ---------------------------------------------------------------- decoders for the inner-LLM stage tests
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    return model, model.model
+
+
+@pytest.fixture(scope="module", params=["qwen2-llava-onevision", "llama"])
+def decoder_model(request):
+    if request.param == "llama":
+        return tiny_llama()
+    model = load_video_llm("tiny").adapter.model
+    return model, model.model.language_model

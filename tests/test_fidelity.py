@@ -50,10 +50,12 @@ def test_cli_summarize_with_inner_stage(sample_video):
     report = json.loads(res.stdout)
     visual = report["tokens"]["llm_input"]
     assert report["tokens"]["after_inner"] == report["tokens"]["prompt"] - round(0.5 * visual)
-    assert report["inner"] == {"mode": "similarity", "layer": 4, "ratio": 0.5, "merge": "mean", "proportional": True}
+    assert report["inner"] == {"mode": "similarity", "layer": 4, "ratio": 0.5, "merge": "mean", "steps": [],
+                               "kv": None, "proportional": True}
     assert report["flops"]["prefill"] < base["flops"]["prefill"]
     assert base["tokens"]["after_inner"] == base["tokens"]["prompt"]
-    assert base["inner"] == {"mode": "none", "layer": None, "ratio": 0.0, "merge": None, "proportional": False}
+    assert base["inner"] == {"mode": "none", "layer": None, "ratio": 0.0, "merge": None, "steps": [], "kv": None,
+                             "proportional": False}
     # layers ≥ K cache only the survivors
     assert report["kv_cache_bytes"] < base["kv_cache_bytes"]
 

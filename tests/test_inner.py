@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from streamprune import ConfigError
-from streamprune.models import load_video_llm
 from streamprune.models.inner_stage import InnerConfig, InnerStage, default_layer, validate
 from streamprune.reduce.inner import MergePlan, apply_plan, bipartite_plan, make_plan, merge_weights
 
@@ -84,25 +83,6 @@ def test_validation():
 # ---------------------------------------------------------------- on real decoders
 
 STEPS = 6
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.eos_token_id = None
-    return model, model.model
-
-
-@pytest.fixture(scope="module", params=["qwen2-llava-onevision", "llama"])
-def decoder_model(request):
-    if request.param == "llama":
-        return tiny_llama()
-    model = load_video_llm("tiny").adapter.model
-    return model, model.model.language_model
 
 
 def batch_inputs(model, batch: int, seed: int = 0):

@@ -170,7 +170,7 @@ class VideoLLMAdapter:
         attention to weigh (so unreduced inputs run the unmodified model)."""
         if inner is None or not inner.active:
             return False
-        return inner.merging or bool((inputs.sizes != 1).any())
+        return inner.merging or inner.kv is not None or bool((inputs.sizes != 1).any())
 
     @contextmanager
     def inner_stage(self, inputs: LLMInputs, inner: InnerConfig | None):
@@ -182,6 +182,12 @@ class VideoLLMAdapter:
         stage.prepare(inputs.visual_mask, inputs.sizes)
         with stage.installed():
             yield stage
+
+    def text_embeddings(self, text: str) -> torch.Tensor:
+        """[L, D] the LLM's input embeddings of `text` (no template), for methods that read the question."""
+        ids = self.processor.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            return self.model.get_input_embeddings()(ids)[0]
 
     def decode(self, token_ids: torch.Tensor) -> str:
         return self.processor.tokenizer.decode(token_ids[0], skip_special_tokens=True)

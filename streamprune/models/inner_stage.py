@@ -19,12 +19,23 @@ import functools
 import math
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from streamprune.errors import ConfigError
-from streamprune.reduce.inner import MERGES, MODES, MergePlan, apply_plan, make_plan
+from streamprune.reduce.inner import MERGES, MODES, InnerStep, MergePlan, apply_plan, mode_step, step_plan
+
+
+@dataclass
+class KVPrune:
+    """DyCoke's dynamic KV-cache pruning during decoding: at every decode step, layers ≥ `layer` attend only
+    to the (1 − `ratio`) image tokens the current token attends to most in layer `layer` − 1; the choice is
+    kept while that attention stays similar (cosine ≥ `refresh`) and recomputed when it moves."""
+
+    layer: int = 3
+    ratio: float = 0.8  # P: share of the image KV left out each step
+    refresh: float = 0.9
 
 
 @dataclass
@@ -37,15 +48,26 @@ class InnerConfig:
     # default: it is exact for duplicated tokens and lowered the first-token KL by 17–32% in
     # benchmarks/bench_fidelity.py, for at most ~18% more prefill time (benchmarks/bench_proportional.py)
     proportional: bool = True
+    steps: tuple[InnerStep, ...] = ()  # a method's own schedule (several cuts); replaces mode/layer/ratio
+    kv: KVPrune | None = None  # decode-time KV-cache pruning (DyCoke)
 
     @property
     def merging(self) -> bool:
-        return self.mode != "none" and self.ratio > 0
+        """Some cut inside the LLM (at one or more layers)."""
+        return bool(self.steps) or (self.mode != "none" and self.ratio > 0)
 
     @property
     def active(self) -> bool:
-        """Worth installing: merging at K, or biasing attention by size."""
-        return self.merging or self.proportional
+        """Worth installing: a cut inside, KV pruning, or biasing attention by size."""
+        return self.merging or self.kv is not None or self.proportional
+
+    def schedule(self, num_layers: int) -> list[InnerStep]:
+        """The cuts in layer order."""
+        if self.steps:
+            return sorted(self.steps, key=lambda s: s.layer)
+        if self.mode == "none" or self.ratio <= 0:
+            return []
+        return [mode_step(self.mode, default_layer(num_layers) if self.layer is None else self.layer, self.ratio)]
 
 
 def default_layer(num_layers: int) -> int:
@@ -53,8 +75,30 @@ def default_layer(num_layers: int) -> int:
     return max(1, min(num_layers - 1, round(18 / 28 * num_layers)))
 
 
+def scaled_layer(layer: int, reference_layers: int, num_layers: int) -> int:
+    """A paper's layer on a `reference_layers`-deep decoder, at the same relative depth of this one."""
+    return max(1, min(num_layers - 1, round(layer * num_layers / reference_layers)))
+
+
+def cut_schedule(layers: tuple[int, ...], shares: tuple[float, ...], num_layers: int,
+                 reference_layers: int) -> list[tuple[int, float, int]]:
+    """A paper's progressive cuts on this decoder: at `layers` of a `reference_layers`-deep decoder, leaving the
+    cumulative `shares` of the visual tokens. Returns (layer K, ratio removed at K, index of the paper's cut);
+    cuts that land on the same layer of a shallower decoder fold into one (the later share)."""
+    folded: dict[int, tuple[float, int]] = {}
+    for i, (layer, share) in enumerate(zip(layers, shares, strict=True)):
+        k = scaled_layer(layer, reference_layers, num_layers)
+        folded[k] = (share, folded[k][1] if k in folded else i)
+    out, kept = [], 1.0
+    for k in sorted(folded):
+        share, i = folded[k]
+        out.append((k, 1 - share / kept, i))
+        kept = share
+    return out
+
+
 def validate(config: InnerConfig, num_layers: int) -> int:
-    """Check the config against the decoder depth; returns K."""
+    """Check the config against the decoder depth; returns the first cut's layer K (the default K without one)."""
     if config.mode not in (*MODES, "none"):
         raise ConfigError(f"unknown inner mode {config.mode!r}; choose one of: {', '.join(MODES)}, none")
     if config.merge not in MERGES:
@@ -62,9 +106,31 @@ def validate(config: InnerConfig, num_layers: int) -> int:
     if not (0.0 <= config.ratio < 1.0) or math.isnan(config.ratio):
         raise ConfigError(f"--inner-ratio must be in [0, 1), got {config.ratio}")
     layer = default_layer(num_layers) if config.layer is None else config.layer
-    if not 1 <= layer <= num_layers - 1:
+    if not config.steps and not 1 <= layer <= num_layers - 1:
         raise ConfigError(f"--inner-layer must be in [1, {num_layers - 1}] for this {num_layers}-layer decoder, got {layer}")
-    return layer
+    steps = config.schedule(num_layers)
+    for step in steps:
+        step.validate(num_layers)
+    if len({s.layer for s in steps}) != len(steps):
+        raise ConfigError("inner steps must cut at different layers")
+    if config.kv is not None:
+        if steps:
+            raise ConfigError("KV-cache pruning cannot be combined with cuts inside the LLM")
+        if not 1 <= config.kv.layer <= num_layers - 1 or not 0.0 <= config.kv.ratio < 1.0:
+            raise ConfigError(f"KV pruning needs a layer in [1, {num_layers - 1}] and a ratio in [0, 1)")
+    return steps[0].layer if steps else layer
+
+
+def method_inner(method, retain: float, user: InnerConfig, num_layers: int, **options) -> InnerConfig:
+    """The inner config a run uses: the user's (`--inner ...`), with the cuts of `method` (a registry `Method`)
+    inside the LLM when it has any, and proportional attention only where the method merges."""
+    proportional = user.proportional and method.proportional
+    if method.inner is None or retain >= 1.0:
+        return replace(user, proportional=proportional)
+    if user.merging:
+        raise ConfigError(f"method {method.name!r} makes its own cuts inside the LLM; leave --inner at none")
+    own = method.inner(retain, num_layers, **options)
+    return replace(user, steps=own.steps, kv=own.kv, proportional=proportional)
 
 
 def model_rope(attn: torch.nn.Module):
@@ -102,15 +168,50 @@ def query_attention(attn: torch.nn.Module, query_hidden: torch.Tensor, query_rop
     return torch.softmax(logits.float(), -1).mean(1)
 
 
-def last_token_attention(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings, attention_mask) -> torch.Tensor:
-    """Head-averaged attention of the last token over all tokens of `hidden` [B, L, C]. Returns [B, L]."""
-    rope = model_rope(attn)
+def queries_attention(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings, attention_mask,
+                      queries: torch.Tensor, rope: bool = True) -> torch.Tensor:
+    """Attention over all tokens of `hidden` [B, L, C], averaged over heads and the query positions
+    `queries` [q] (causal when no mask is given). rope=False scores q·k without rotary embeddings
+    (FEATHER's criterion). Returns [B, L]."""
     b, length, _ = hidden.shape
     cos, sin = position_embeddings
+    q = _head_norm(attn, "q_norm", attn.q_proj(hidden[:, queries]).view(b, len(queries), -1, attn.head_dim)).transpose(1, 2)
     k = _head_norm(attn, "k_norm", attn.k_proj(hidden).view(b, length, -1, attn.head_dim)).transpose(1, 2)
-    _, k = rope(k, k, cos, sin)
-    mask_row = None if attention_mask is None else attention_mask[:, :, -1, :length]
-    return query_attention(attn, hidden[:, -1:], (cos[..., -1:, :], sin[..., -1:, :]), k, mask_row)
+    if rope:
+        apply = model_rope(attn)
+        q, _ = apply(q, q, _gather_seq(cos, queries.expand(b, -1)), _gather_seq(sin, queries.expand(b, -1)))
+        _, k = apply(k, k, cos, sin)
+    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
+    logits = (q @ k.transpose(-1, -2)).float() * attn.scaling  # [B, H, q, L]
+    if attention_mask is None:
+        logits = logits.masked_fill(torch.arange(length)[None, :] > queries[:, None], float("-inf"))
+    else:
+        rows = attention_mask[:, :, queries, :length]
+        logits = logits.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else logits + rows.float()
+    # a padding query sees no key (all −inf): count it as attending nowhere
+    return torch.softmax(logits, -1).nan_to_num(0.0).mean((1, 2))
+
+
+def _batch_row(t: torch.Tensor, row: int) -> torch.Tensor:
+    """Row `row` of RoPE cos/sin: [B|1, L, d] or M-RoPE [3, B|1, L, d]."""
+    batch_dim = 1 if t.dim() == 4 else 0
+    return t if t.shape[batch_dim] == 1 else t.narrow(batch_dim, row, 1)
+
+
+def transition_variation(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """TransPrune's token transition variation through one layer: relative change of magnitude plus change
+    of direction (1 − cos). before/after: [B, L, C]. Returns [B, L]."""
+    before, after = before.float(), after.float()
+    norm_before = before.norm(dim=-1).clamp(min=1e-6)
+    magnitude = (after.norm(dim=-1) - norm_before).abs() / norm_before
+    return magnitude + 1 - torch.nn.functional.cosine_similarity(before, after, dim=-1)
+
+
+def _minmax(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x [B, L] scaled to [0, 1] over the True positions of mask (per row)."""
+    lo = x.masked_fill(~mask, float("inf")).min(1, keepdim=True).values
+    hi = x.masked_fill(~mask, float("-inf")).max(1, keepdim=True).values
+    return (x - lo) / (hi - lo).clamp(min=1e-12)
 
 
 def _gather_rows_cols(mask: torch.Tensor | None, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor | None:
@@ -146,86 +247,178 @@ def _size_bias(mask: torch.Tensor | None, sizes: torch.Tensor, q_len: int, dtype
     return mask + sizes.clamp(min=1).log().to(dtype)[:, None, None, :]
 
 
+@dataclass
+class _Cut:
+    """What one step decided on the prompt, in the coordinates of the sequence entering it."""
+
+    step: InnerStep
+    plan: MergePlan | None = None
+    keep: torch.Tensor | None = None  # [B, L_out] survivors as positions of the original prompt
+    sizes_after: torch.Tensor | None = None  # [B, L_out]
+
+
 class InnerStage:
-    """Inner-LLM merging on `decoder` (a Qwen2Model/LlamaModel). Use `prepare(...)` before each new prompt,
-    then run the model inside `installed()`."""
+    """Cuts inside the LLM on `decoder` (a Qwen2Model/LlamaModel): one or more steps at layers K1 < K2 < …,
+    and/or DyCoke's decode-time KV pruning. Use `prepare(...)` before each new prompt, then run the model
+    inside `installed()`."""
 
     def __init__(self, decoder: torch.nn.Module, config: InnerConfig) -> None:
         self.decoder = decoder
         self.config = config
-        self.layer = validate(config, len(decoder.layers))
+        num_layers = len(decoder.layers)
+        self.layer = validate(config, num_layers)
+        self.steps = config.schedule(num_layers)
         self.visual_mask: torch.Tensor | None = None
         self.sizes: torch.Tensor | None = None
-        self.plan: MergePlan | None = None  # decided on the first full forward, replayed afterwards
-        self.freeze = False  # replay `plan` on later full forwards (no-cache recomputation)
-        self.tokens_after: int | None = None  # sequence length from layer K on
+        self.cuts: list[_Cut] = []
+        self.freeze = False  # replay the prefill's plans on later full forwards (no-cache recomputation)
         # per-forward state, set by layer 0's hook
         self._full = False  # a full-sequence forward (prefill or no-cache recomputation)
         self._kv_len = 0  # keys in layer 0's cache after this forward
-        self._scores: torch.Tensor | None = None  # last token's attention at layer K−1 [B, L]
-        self._prefill: dict | None = None  # reduced kwargs for layers > K in this full forward
-        self._sizes_after: torch.Tensor | None = None  # sizes of the survivors [B, L']
+        self._scores: dict[int, torch.Tensor] = {}  # step → its criterion's scores [B, L_in]
+        self._transition: dict[int, torch.Tensor] = {}  # step → accumulated transition variation
+        self._layer_input: torch.Tensor | None = None
+        self._prefill: dict | None = None  # reduced kwargs for the layers after the latest cut
+        self._raw_mask: torch.Tensor | None = None  # the latest cut's mask before the size bias
+        self._kv_scores: torch.Tensor | None = None  # KV pruning: image attention the selection came from
+        self._kv_cols: torch.Tensor | None = None  # KV pruning: [B, kv] bool keys layers ≥ L may see
 
     def prepare(self, visual_mask: torch.Tensor, sizes: torch.Tensor | None = None) -> None:
         """visual_mask [B, L] marks visual tokens in the prompt; sizes [B, L] originals per token (1 for text)."""
         self.visual_mask = visual_mask.bool()
         self.sizes = torch.ones(visual_mask.shape) if sizes is None else sizes.float()
-        self.plan, self._prefill, self.tokens_after = None, None, None
+        self.cuts = []
+        self._kv_scores, self._kv_cols = None, None
+
+    @property
+    def tokens_after(self) -> int | None:
+        """Prompt length after the last cut (None before the prefill)."""
+        return int(self.cuts[-1].keep.shape[1]) if self.cuts and self.cuts[-1].keep is not None else None
+
+    def tokens_by_layer(self, num_layers: int, seq_len: int) -> list[int]:
+        """Prompt tokens each decoder layer processed in the prefill."""
+        counts, current = [], seq_len
+        done = {c.step.layer: int(c.keep.shape[1]) for c in self.cuts if c.keep is not None}
+        for i in range(num_layers):
+            current = done.get(i, current)
+            counts.append(current)
+        return counts
 
     # hooks ---------------------------------------------------------------------------------------
-    def _record_scores(self, module, args, kwargs):
-        replaying = self.freeze and self.plan is not None
-        if self._full and not replaying and self.config.merging and self.config.mode != "similarity":
-            # the last *prompt* token asks; a teacher-forced forward may carry answer tokens after it
-            n = self.visual_mask.shape[1]
+    def _replaying(self, s: int) -> bool:
+        return self.freeze and len(self.cuts) > s and self.cuts[s].plan is not None
+
+    def _local_prompt(self, s: int) -> tuple[int, torch.Tensor]:
+        """Prompt length and visual mask entering step s."""
+        if s == 0:
+            return self.visual_mask.shape[1], self.visual_mask
+        prev = self.cuts[s - 1]
+        return prev.keep.shape[1], self.visual_mask.gather(1, prev.keep)
+
+    @staticmethod
+    def _text_queries(visual_mask: torch.Tensor) -> torch.Tensor:
+        """The prompt's text tokens after the last visual token of one row [L] (the instruction); else the last."""
+        n = visual_mask.shape[0]
+        last_visual = int(visual_mask.nonzero().max()) if visual_mask.any() else -1
+        return torch.arange(last_visual + 1, n) if last_visual + 1 < n else torch.tensor([n - 1])
+
+    def _score_hook(self, s: int):
+        step = self.steps[s]
+
+        def hook(module, args, kwargs):
+            if not self._full or self._replaying(s) or step.criterion == "similarity":
+                return
+            n, vis = self._local_prompt(s)
             hidden = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])[:, :n]
             cos, sin = kwargs["position_embeddings"]
             mask = kwargs.get("attention_mask")
-            self._scores = last_token_attention(module, hidden, (cos[..., :n, :], sin[..., :n, :]),
-                                                None if mask is None else mask[:, :, :n, :n])
+            mask = None if mask is None else mask[:, :, :n, :n]
+            rows = []
+            for r in range(hidden.shape[0]):  # query positions differ per row with left padding
+                if step.criterion in ("last", "last-norope"):
+                    queries = torch.tensor([n - 1])
+                elif step.criterion == "received":
+                    queries = torch.arange(n)
+                else:
+                    queries = self._text_queries(vis[r])
+                rope = tuple(_batch_row(t[..., :n, :], r) for t in (cos, sin))
+                rows.append(queries_attention(module, hidden[r:r + 1], rope, None if mask is None else mask[r:r + 1],
+                                              queries, rope=step.criterion != "last-norope"))
+            scores = torch.cat(rows)
+            if step.criterion == "transition":
+                scores = _minmax(scores, vis) + _minmax(self._transition.get(s, torch.zeros_like(scores)), vis)
+            self._scores[s] = scores
+        return hook
+
+    def _transition_hooks(self, s: int):
+        """Accumulate transition variation of the tokens entering step s over layers [since, K)."""
+        def before(module, args, kwargs):
+            if self._full and not self._replaying(s):
+                n, _ = self._local_prompt(s)
+                self._layer_input = (args[0] if args else kwargs["hidden_states"])[:, :n].detach()
+
+        def after(module, args, kwargs, output):
+            if self._full and not self._replaying(s) and self._layer_input is not None:
+                out = output[0] if isinstance(output, tuple) else output
+                ttv = transition_variation(self._layer_input, out[:, : self._layer_input.shape[1]])
+                self._transition[s] = self._transition.get(s, 0) + ttv
+        return before, after
 
     def _before_layer(self, index: int):
+        cut_at = {step.layer: s for s, step in enumerate(self.steps)}
+
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             if index == 0:  # a new forward: full sequence (prefill, no-cache) or decode step?
                 cache = kwargs.get("past_key_values")
                 self._full = self.visual_mask is not None and hidden.shape[1] >= self.visual_mask.shape[1]
                 self._kv_len = (cache.get_seq_length() if cache is not None else 0) + hidden.shape[1]
-                self._prefill = None
+                self._prefill, self._raw_mask = None, None
+                self._scores, self._transition = {}, {}
             if self.visual_mask is None:
                 return None
-            if self._full and index == self.layer:
-                return self._reduce(hidden, args, kwargs)
-            if self._full and index > self.layer:
+            if self._full and index in cut_at:
+                return self._cut(cut_at[index], hidden, args, kwargs)
+            if self._full and self._prefill is not None:
                 kwargs.update(self._prefill)
+            elif not self._full:
+                kwargs["attention_mask"] = self._decode_mask(index, hidden, kwargs.get("attention_mask"))
             elif self.config.proportional:
-                kwargs["attention_mask"] = self._proportional_mask(index, hidden, kwargs.get("attention_mask"))
-            elif index >= self.layer and not self._full and kwargs.get("attention_mask") is not None:
-                kwargs["attention_mask"] = _gather_rows_cols(kwargs["attention_mask"], None, self._decode_cols())
+                kwargs["attention_mask"] = _size_bias(kwargs.get("attention_mask"),
+                                                      self._extend_ones(self.sizes, self._kv_len),
+                                                      hidden.shape[1], hidden.dtype)
             return args, kwargs
         return hook
 
-    def _reduce(self, hidden, args, kwargs):
-        length, prompt_len = hidden.shape[1], self.visual_mask.shape[1]
-        if self.plan is None or not self.freeze and length == prompt_len:
-            self.plan = make_plan(self.config.mode, hidden[:, :prompt_len], self.visual_mask, self.config.ratio,
-                                  self._scores)
-        plan = self.plan.extended(length)
-        sizes = self._extend_ones(self.sizes, length)
-        new_hidden, new_sizes = apply_plan(hidden, plan, sizes, self.config.merge)
-        self._sizes_after = new_sizes[:, : self.plan.keep.shape[1]]
-        self.tokens_after = int(self.plan.keep.shape[1])
+    def _cut(self, s: int, hidden, args, kwargs):
+        """Step s on a full forward: plan (or replay), merge/drop, and shorten everything for later layers."""
+        if self._prefill is not None:  # the inputs of this layer are those of the previous cut's survivors
+            kwargs.update(self._prefill)
+            kwargs["attention_mask"] = self._raw_mask
+        length = hidden.shape[1]
+        n, vis = self._local_prompt(s)
+        if len(self.cuts) <= s:
+            self.cuts.append(_Cut(self.steps[s]))
+        cut = self.cuts[s]
+        if cut.plan is None or not self.freeze and length == n:
+            cut.plan = step_plan(cut.step, hidden[:, :n], vis, self._scores.get(s))
+        plan = cut.plan.extended(length)
+        sizes_in = self.sizes if s == 0 else self.cuts[s - 1].sizes_after
+        new_hidden, new_sizes = apply_plan(hidden, plan, self._extend_ones(sizes_in, length), self.config.merge)
+        planned = cut.plan.keep.shape[1]
+        cut.sizes_after = new_sizes[:, :planned]
+        previous = torch.arange(self.visual_mask.shape[1]).expand(hidden.shape[0], -1) if s == 0 else self.cuts[s - 1].keep
+        cut.keep = previous.gather(1, cut.plan.keep)
         keep = plan.keep
-        reduced = {
-            "position_embeddings": tuple(_gather_seq(t, keep) for t in kwargs["position_embeddings"]),
-            "attention_mask": _gather_rows_cols(kwargs.get("attention_mask"), keep, keep),
-        }
+        raw_mask = _gather_rows_cols(kwargs.get("attention_mask"), keep, keep)
+        reduced = {"position_embeddings": tuple(_gather_seq(t, keep) for t in kwargs["position_embeddings"]),
+                   "attention_mask": raw_mask}
         if kwargs.get("position_ids") is not None:
             reduced["position_ids"] = _gather_seq(kwargs["position_ids"], keep)
         if self.config.proportional:
-            reduced["attention_mask"] = _size_bias(reduced["attention_mask"], new_sizes, keep.shape[1], new_hidden.dtype)
+            reduced["attention_mask"] = _size_bias(raw_mask, new_sizes, keep.shape[1], new_hidden.dtype)
         kwargs.update(reduced)
-        self._prefill = reduced
+        self._prefill, self._raw_mask = reduced, raw_mask
         return (new_hidden, *args[1:]), kwargs
 
     @staticmethod
@@ -233,24 +426,74 @@ class InnerStage:
         """Per-token sizes continued with 1 for tokens after the prompt (generated text)."""
         return torch.cat([sizes, torch.ones(sizes.shape[0], max(0, length - sizes.shape[1]))], 1)[:, :length]
 
-    def _decode_cols(self) -> torch.Tensor:
-        """Original key positions held by the cache of layers ≥ K after this step."""
-        return self.plan.extended(self._kv_len).keep
+    def _decode_mask(self, index: int, hidden: torch.Tensor, mask):
+        """A decode step's mask at layer `index`: the key columns its cache holds (survivors of the cuts at or
+        before it), log(size) on them when proportional, and the KV-pruning selection."""
+        done = [c for c in self.cuts if c.step.layer <= index and c.keep is not None]
+        if done:
+            prompt_len = self.visual_mask.shape[1]
+            cols = torch.cat([done[-1].keep, torch.arange(prompt_len, self._kv_len).expand(done[-1].keep.shape[0], -1)], 1)
+            mask = _gather_rows_cols(mask, None, cols) if mask is not None else None
+            sizes = self._extend_ones(done[-1].sizes_after, cols.shape[1])
+        else:
+            sizes = self._extend_ones(self.sizes, self._kv_len)
+        if self.config.proportional:
+            mask = _size_bias(mask, sizes, hidden.shape[1], hidden.dtype)
+        if self.config.kv is not None and index >= self.config.kv.layer and self._kv_cols is not None:
+            if mask is None:
+                mask = torch.zeros(hidden.shape[0], 1, hidden.shape[1], self._kv_len, dtype=hidden.dtype)
+            elif mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=hidden.dtype).masked_fill(~mask, torch.finfo(hidden.dtype).min)
+            mask = mask.masked_fill(~self._kv_cols[:, None, None, : mask.shape[-1]], torch.finfo(mask.dtype).min)
+        return mask
 
-    def _proportional_mask(self, index: int, hidden: torch.Tensor, mask):
-        """Bias keys by log(size): outer sizes before K, inner sizes on the survivors from K on (decode)."""
-        if index < self.layer:
-            return _size_bias(mask, self._extend_ones(self.sizes, self._kv_len), hidden.shape[1], hidden.dtype)
-        cols = self._decode_cols()
-        sizes = self._extend_ones(self._sizes_after, cols.shape[1])
-        mask = _gather_rows_cols(mask, None, cols) if mask is not None else None
-        return _size_bias(mask, sizes, hidden.shape[1], hidden.dtype)
+    def _kv_hook(self, module, args, kwargs):
+        """DyCoke: on a decode step, layer L−1's attention of the current token over the cached image keys
+        picks the image KV layers ≥ L use; the previous pick stays while that attention barely moved."""
+        kv = self.config.kv
+        if self._full or self.visual_mask is None:
+            return
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            return
+        keys = cache.layers[kv.layer - 1].keys  # [B, kv_heads, L_cached, hd], RoPE applied
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        scores = query_attention(module, hidden[:, -1:], (cos[..., -1:, :], sin[..., -1:, :]), keys)
+        image = torch.cat([self.visual_mask, torch.zeros(hidden.shape[0], keys.shape[2] - self.visual_mask.shape[1],
+                                                          dtype=torch.bool)], 1)[:, : keys.shape[2]]
+        image_scores = scores.masked_fill(~image, 0.0)[:, : self.visual_mask.shape[1]]  # images are in the prompt
+        image = image[:, : self.visual_mask.shape[1]]
+        if self._kv_scores is not None and bool(
+                (torch.nn.functional.cosine_similarity(self._kv_scores, image_scores, dim=-1) >= kv.refresh).all()):
+            keep_image = self._kv_cols[:, : image.shape[1]] & image
+        else:
+            n_image = int(image[0].sum())
+            top = image_scores.topk(max(1, int(n_image * (1 - kv.ratio))), dim=-1).indices
+            keep_image = torch.zeros_like(image).scatter_(1, top, True)
+            self._kv_scores = image_scores
+        # keys of text, generated tokens and the current token stay visible
+        cols = torch.ones(hidden.shape[0], self._kv_len, dtype=torch.bool)
+        cols[:, : image.shape[1]] = ~image | keep_image
+        self._kv_cols = cols
 
     @contextmanager
     def installed(self):
-        handles = [self.decoder.layers[self.layer - 1].self_attn.register_forward_pre_hook(self._record_scores, with_kwargs=True)]
-        handles += [layer.register_forward_pre_hook(self._before_layer(i), with_kwargs=True)
-                    for i, layer in enumerate(self.decoder.layers)]
+        layers = self.decoder.layers
+        handles = [layer.register_forward_pre_hook(self._before_layer(i), with_kwargs=True)
+                   for i, layer in enumerate(layers)]
+        for s, step in enumerate(self.steps):
+            handles.append(layers[step.layer - 1].self_attn.register_forward_pre_hook(self._score_hook(s), with_kwargs=True))
+            if step.criterion == "transition":  # registered after the cut hooks: they see the shortened inputs
+                first = step.since if step.since is not None else max(0, step.layer - 2)
+                first = max(first, self.steps[s - 1].layer if s else 0)
+                before, after = self._transition_hooks(s)
+                for layer in layers[first:step.layer]:
+                    handles.append(layer.register_forward_pre_hook(before, with_kwargs=True))
+                    handles.append(layer.register_forward_hook(after, with_kwargs=True))
+        if self.config.kv is not None:
+            handles.append(layers[self.config.kv.layer - 1].self_attn.register_forward_pre_hook(
+                self._kv_hook, with_kwargs=True))
         try:
             yield self
         finally:

@@ -180,7 +180,9 @@ def holitom_reduce(
     max_window: int = DEFAULT_MAX_WINDOW,
     protected: torch.Tensor | None = None,
 ) -> VisualTokens:
-    """HoliTom's outer-LLM stages I and II.
+    """Segments the video where its static content changes, averages each segment's static tokens over time and
+    clusters them by density peaks, and keeps each frame's dynamic tokens by attention (HoliTom's outer-LLM
+    stages I and II).
 
     features:  [T, N, D] projected (and pooled) visual tokens.
     attention: [T, N] attention each patch received in the vision tower's last used layer.

@@ -13,6 +13,15 @@ Modes:
   them are merged. Query-free, for streaming.
 - `fastv`: keep the top-(1−r) by attention; drop the rest (FastV baseline).
 
+A method's schedule is a list of `InnerStep`s (several layers for progressive pruning); a mode is the
+one-step schedule it names. A step scores visual tokens by a criterion read at layer K−1 (`last`: the
+last prompt token's attention; `text`: mean attention of the prompt's text tokens after the video;
+`received`: mean attention received from every prompt token, one PageRank step from uniform, AIM's
+criterion; `last-norope`: `last` without rotary embeddings, FEATHER's fix for its bias toward late positions;
+`transition`: token transition variation accumulated over layers plus `text` attention, TransPrune),
+keeps an optional `uniform` share of survivors at an even stride over the visual tokens, and drops the
+rest or merges them into their most similar survivor.
+
 Merge values: `mean` (default) is the size-weighted mean of everything merged into a token — order
 independent and consistent with `VisualTokens.size`. `pairwise` is HoliTom's running average
 h[i] ← (h[i] + h[j]) / 2 applied in index order, which weights later tokens more.
@@ -29,6 +38,40 @@ from streamprune.errors import ConfigError
 
 MODES = ("holitom", "similarity", "fastv")
 MERGES = ("mean", "pairwise")
+CRITERIA = ("last", "text", "received", "last-norope", "transition", "similarity")
+ACTIONS = ("drop", "merge")
+
+
+@dataclass(frozen=True)
+class InnerStep:
+    """One cut inside the LLM: at decoder layer `layer`, remove `ratio` of the visual tokens entering it."""
+
+    layer: int
+    ratio: float  # 1.0 removes every visual token
+    criterion: str = "last"  # one of CRITERIA
+    action: str = "drop"  # drop | merge (similarity always merges)
+    uniform: float = 0.0  # share of the survivors picked at an even stride over the visual tokens
+    since: int | None = None  # transition: first layer whose transitions count (default: two before)
+
+    def validate(self, num_layers: int) -> None:
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"unknown inner criterion {self.criterion!r}; choose one of: {', '.join(CRITERIA)}")
+        if self.action not in ACTIONS:
+            raise ConfigError(f"unknown inner action {self.action!r}; choose one of: {', '.join(ACTIONS)}")
+        if not 0.0 <= self.ratio <= 1.0:  # 1: every visual token leaves (ToDRE, AIM's last layers)
+            raise ConfigError(f"inner ratio must be in [0, 1], got {self.ratio}")
+        if not 0.0 <= self.uniform <= 1.0:
+            raise ConfigError(f"inner uniform share must be in [0, 1], got {self.uniform}")
+        if not 1 <= self.layer <= num_layers - 1:
+            raise ConfigError(f"inner layer must be in [1, {num_layers - 1}] for this {num_layers}-layer decoder, "
+                              f"got {self.layer}")
+
+
+def mode_step(mode: str, layer: int, ratio: float) -> InnerStep:
+    """The one-step schedule a mode names."""
+    criterion, action = {"holitom": ("last", "merge"), "fastv": ("last", "drop"),
+                         "similarity": ("similarity", "merge")}[mode]
+    return InnerStep(layer, ratio, criterion, action)
 
 
 @dataclass
@@ -106,22 +149,46 @@ def make_plan(mode: str, hidden: torch.Tensor, visual_mask: torch.Tensor, ratio:
     """Decide which tokens survive layer K. hidden: [B, L, C] (the input of layer K)."""
     if mode not in (*MODES, "none"):
         raise ConfigError(f"unknown inner mode {mode!r}; choose one of: {', '.join(MODES)}, none")
-    n_remove = removal_count(visual_mask, ratio) if mode != "none" else 0
-    if n_remove == 0:  # keep everything
+    if mode == "none":
         b, length = visual_mask.shape
         return MergePlan(torch.arange(length).expand(b, -1), torch.full((b, length), -1, dtype=torch.long))
-    if mode == "similarity":
+    return step_plan(mode_step(mode, 0, ratio), hidden, visual_mask, scores)
+
+
+def uniform_picks(visual_mask: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, L] bool: `count` visual tokens per row at an even stride over the row's visual positions."""
+    picks = torch.zeros_like(visual_mask)
+    for row in range(visual_mask.shape[0]):
+        where = visual_mask[row].nonzero().squeeze(1)
+        if count > 0 and len(where):
+            picks[row, where[torch.linspace(0, len(where) - 1, min(count, len(where))).round().long()]] = True
+    return picks
+
+
+def step_plan(step: InnerStep, hidden: torch.Tensor, visual_mask: torch.Tensor,
+              scores: torch.Tensor | None = None) -> MergePlan:
+    """Decide which tokens survive `step`. hidden: [B, L, C] (the input of its layer); scores: [B, L]
+    (higher = keep) for every criterion but `similarity`."""
+    b, length = visual_mask.shape
+    n_remove = removal_count(visual_mask, step.ratio)
+    if n_remove == 0:
+        return MergePlan(torch.arange(length).expand(b, -1), torch.full((b, length), -1, dtype=torch.long))
+    if step.criterion == "similarity":
         target = bipartite_plan(hidden, visual_mask, n_remove)
         removed = target >= 0
     else:
         if scores is None:
-            raise ValueError(f"mode {mode!r} needs attention scores")
+            raise ValueError(f"criterion {step.criterion!r} needs scores")
+        survivors = int(visual_mask[0].sum()) - n_remove
+        # the uniform picks survive whatever their score (FEATHER's coverage of the whole frame)
+        picked = uniform_picks(visual_mask, round(step.uniform * survivors))
+        scores = scores.float().masked_fill(picked, float("inf"))
         removed = plan_by_attention(scores, visual_mask, n_remove)
-        if mode == "holitom":
+        if step.action == "merge":
             target = nearest_kept(hidden, removed, visual_mask & ~removed)
         else:
             target = torch.full(removed.shape, -1, dtype=torch.long)
-    keep = (~removed).nonzero()[:, 1].view(hidden.shape[0], -1)  # row-major nonzero: sorted per row
+    keep = (~removed).nonzero()[:, 1].view(b, -1)  # row-major nonzero: sorted per row
     return MergePlan(keep, target)
 
 
