@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both bootstrap the environment.
-.PHONY: demo test bench bench-fidelity bench-stream bench-vla bench-vla-pi0 bench-vla-fidelity bench-encoder bench-vla-encoder bench-models bench-methods setup lint
+.PHONY: demo test bench bench-fidelity bench-stream bench-vla bench-vla-pi0 bench-vla-fidelity bench-encoder bench-vla-encoder bench-models bench-methods bench-batch setup lint
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -37,6 +37,10 @@ bench-encoder: setup
 
 bench-vla-encoder: setup
 	MUJOCO_GL=egl .venv/bin/python -m benchmarks.bench_vla_encoder --env pusht
+
+bench-batch: setup
+	.venv/bin/python -m benchmarks.bench_batch
+	.venv/bin/python -m benchmarks.bench_batch --copies 32
 
 bench-methods: setup
 	.venv/bin/python -m benchmarks.bench_methods

@@ -1,4 +1,4 @@
-"""Command line: `streamprune summarize | fidelity | bench | methods | stream | policy eval`."""
+"""Command line: `streamprune summarize | fidelity | batch | bench | methods | stream | policy eval`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 import warnings
 
 from streamprune.encoder import ENCODER_METHODS, parse_encoder
@@ -61,7 +62,7 @@ def _add_video_and_reduction_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_reduction_args(p: argparse.ArgumentParser) -> None:
-    """Model, sampling, outer and inner reduction, encoder flags (`summarize`, `fidelity`)."""
+    """Model, sampling, outer and inner reduction, encoder flags (`summarize`, `fidelity`, `batch`)."""
     p.add_argument("--model", default="tiny", help="hub ID, local folder, or a tiny offline model: tiny (LLaVA-OneVision), "
                         "tiny-llava-video, tiny-qwen2.5-vl, tiny-qwen3-vl, tiny-smolvlm2 (random weights) [tiny]")
     p.add_argument("--method", default="holitom", metavar="METHOD",
@@ -114,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "KL of the first answer token, token agreement, hidden-state cosine.")
     _add_video_and_reduction_args(f)
     f.add_argument("--steps", type=int, default=32, help="answer tokens compared [32]")
+    ba = sub.add_parser("batch", help="summarize many videos (Ray Data, or in-process), resumable",
+                        description="Summarize a folder, glob or list of videos into one JSON line per video: decoding "
+                                    "as Ray Data tasks, the vision tower and the LLM in an actor pool. Rerunning with "
+                                    "the same --out skips videos already done.")
+    ba.add_argument("sources", nargs="+", metavar="SOURCE", help="folders, globs, .txt/.csv lists of paths, or videos")
+    ba.add_argument("--out", required=True, help="JSON-lines file the rows are appended to")
+    _add_reduction_args(ba)
+    ba.add_argument("--max-new-tokens", type=int, default=64, help="length limit of each summary [64]")
+    ba.add_argument("--ray", default="auto", metavar="auto|local|none|ADDRESS",
+                    help="Ray cluster: auto (a local one when Ray is installed, else in-process), local, none "
+                         "(in-process), or a cluster address (HOST:6379, ray://HOST:10001) [auto]")
+    ba.add_argument("--workers", type=int, default=1, help="model actors (each loads the model once) [1]")
     b = sub.add_parser("bench", help="compare reduction methods side by side on videos and a model",
                        description="Sweep methods × retain ratios: tokens, prefill FLOPs, KV bytes, reduction / prefill / "
                                    "TTFT times against the unreduced model in the same run, and fidelity proxies. "
@@ -252,6 +265,27 @@ def print_report(report: SummaryReport, console) -> None:
         console.print(f"recomputed patches: {report.viz_encoder}")
 
 
+def _run_batch(args: argparse.Namespace, console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from streamprune.batch import BatchOptions, run_batch
+
+    opts = BatchOptions(sources=args.sources, out=args.out, summarize=_options(args), ray=args.ray,
+                        workers=args.workers)
+    columns = (TextColumn("videos"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("videos", total=None, status="")
+        started = time.perf_counter()
+
+        def update(done: int, failed: int, total: int, skipped: int) -> None:
+            rate = 60 * (done + failed) / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, completed=done + failed, total=total,
+                       status=f"{failed} failed, {skipped} skipped, {rate:.1f}/min")
+
+        return run_batch(opts, progress=update)
+
+
 def _list(text: str, convert=str) -> list:
     try:
         return [convert(x.strip()) for x in text.split(",") if x.strip()]
@@ -377,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result))
             else:
                 print_policy_eval(result, Console())
+        elif args.command == "batch":
+            report = _run_batch(args, err)
+            print(f"{report.done} summarized, {report.failed} failed, {report.skipped} skipped (already in {report.out}) "
+                  f"of {report.total} videos in {report.seconds:.1f} s, {report.videos_per_minute:.1f} videos/min "
+                  f"[{report.engine}]")
         elif args.command == "bench":
             opts = _bench_options(args)
             with bars:

@@ -1,0 +1,304 @@
+"""`streamprune batch`: summarize many videos — on Ray Data when it is there, in-process otherwise — into one
+JSON line per video, resuming where an earlier run stopped.
+
+One video is one row. Two Ray Data stages, the same functions on both engines:
+  decode (a `map` of Ray tasks) → model (a `map_batches` actor pool: the vision tower, the reduction and the
+  LLM, model loaded once per actor) → the driver appends the row to `--out`.
+The vision tower and the LLM share one actor because they share one loaded model: a separate vision pool would
+hold a second copy of every checkpoint's weights, and on a CPU both stages are compute-bound on the same cores.
+Rows are `summarize --json` plus `source` (the path given), `key` and `worker` (pid, peak RSS); a video that
+fails at any stage becomes a row with `error` instead, and the run goes on. The driver writes and flushes each
+row as it arrives, so a killed run loses only the videos in flight; rerunning with the same `--out` skips
+every video that already has a row for the same path, size and mtime (delete its line to redo it).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+import pickle
+import resource
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from streamprune.errors import ConfigError, StreamPruneError
+from streamprune.summarize import SummarizeOptions, decode_clip, encode_clip, finish
+
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts", ".mpg", ".mpeg", ".flv", ".wmv"}
+LIST_SUFFIXES = {".txt", ".csv", ".lst"}
+
+# progress(done, failed, total, skipped)
+ProgressFn = Callable[[int, int, int, int], None]
+
+
+@dataclass
+class BatchOptions:
+    sources: list[str]
+    out: str
+    summarize: SummarizeOptions = field(default_factory=lambda: SummarizeOptions(video=""))
+    ray: str = "auto"  # auto | local | none | a cluster address (ray://host:10001, host:6379)
+    workers: int = 1  # model actors (Ray)
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if not self.sources:
+            raise ConfigError("give at least one source: a folder, a glob, or a .txt/.csv list of videos")
+        replace(self.summarize, video="x").validate()
+        from streamprune.models import resolve_model_source
+
+        resolve_model_source(self.summarize.model)  # an unknown model fails here, not in every worker (and a
+        # tiny model is built once, before workers load it)
+
+
+# ---------------------------------------------------------------- sources and resume
+
+
+def collect_videos(sources: list[str]) -> list[str]:
+    """Folders (their video files, recursively, sorted), globs, list files (.txt: one path per line, '#'
+    comments; .csv: a `path` column or the first column; relative paths are relative to the list), and plain
+    paths, in order, without duplicates. A plain path that does not exist is kept: it becomes an error row."""
+    found: list[str] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            found += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+        elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+            found += _read_list(path)
+        elif any(c in source for c in "*?["):
+            matches = sorted(glob.glob(source, recursive=True))
+            if not matches:
+                raise ConfigError(f"no file matches {source!r}")
+            found += matches
+        else:
+            found.append(source)
+    return list(dict.fromkeys(found))
+
+
+def _read_list(path: Path) -> list[str]:
+    text = path.read_text()
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.reader(text.splitlines()))
+        if not rows:
+            return []
+        column = rows[0].index("path") if "path" in rows[0] else 0
+        entries = [r[column] for r in (rows[1:] if "path" in rows[0] else rows) if r and r[column].strip()]
+    else:
+        entries = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [e if os.path.isabs(e) or e.startswith("sample:") else str(path.parent / e) for e in entries]
+
+
+def video_key(source: str) -> list:
+    """What identifies a video for resuming: resolved path, size, mtime (0, 0 for a missing file)."""
+    path = Path(source)
+    try:
+        st = path.stat()
+        return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [str(path.absolute()), 0, 0]
+
+
+def done_keys(out: Path) -> set[tuple]:
+    """Keys of the rows already in `out` (a half-written last line from a killed run is ignored)."""
+    keys = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            try:
+                keys.add(tuple(json.loads(line)["key"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return keys
+
+
+# ---------------------------------------------------------------- the stages (shared by both engines)
+
+
+def _worker() -> dict:
+    return {"pid": os.getpid(), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+# A row between stages has one schema on both engines: source, key (JSON text), payload (pickled work so far,
+# or None) and result (the finished JSON line, or None). Fixed types keep Ray Data's Arrow blocks simple.
+
+
+def _row(source: str, key: list) -> dict:
+    return {"source": source, "key": json.dumps(key), "payload": None, "result": None}
+
+
+def _finished(row: dict, fields: dict) -> dict:
+    line = {**fields, "source": row["source"], "key": json.loads(row["key"]), "worker": _worker()}
+    return {**row, "payload": None, "result": json.dumps(line)}
+
+
+def _error_row(row: dict, exc: BaseException) -> dict:
+    message = str(exc) if isinstance(exc, StreamPruneError) else f"{type(exc).__name__}: {exc}"
+    return _finished(row, {"error": message.splitlines()[0] if message.strip() else repr(exc)})
+
+
+def decode_stage(row: dict, opts: SummarizeOptions) -> dict:
+    """Frames of one video; an error row if it cannot be read."""
+    try:
+        clip, timing = decode_clip(replace(opts, video=row["source"]))
+        return {**row, "payload": pickle.dumps((clip, timing))}
+    except Exception as exc:  # noqa: BLE001 — one bad video must not stop the run
+        return _error_row(row, exc)
+
+
+class ModelStage:
+    """Vision tower, reduction and LLM on a decoded row, with the model loaded once (per worker); a failing
+    row becomes an error row."""
+
+    def __init__(self, opts: SummarizeOptions, loaded=None) -> None:
+        from streamprune.models import load_video_llm
+
+        self.opts = opts
+        self.loaded = loaded or load_video_llm(opts.model)
+
+    def __call__(self, row: dict) -> dict:
+        if row["result"] is not None:  # failed to decode
+            return row
+        try:
+            opts = replace(self.opts, video=row["source"])
+            clip, timing = pickle.loads(row["payload"])
+            report = finish(opts, encode_clip(opts, clip, timing, self.loaded))
+            return _finished(row, report.to_dict())
+        except Exception as exc:  # noqa: BLE001 — one bad video must not stop the run
+            return _error_row(row, exc)
+
+
+# ---------------------------------------------------------------- engines
+
+
+def run_in_process(rows: list[dict], opts: SummarizeOptions) -> Iterator[str]:
+    """One video at a time in this process: the same stages, the model loaded once."""
+    if not rows:
+        return
+    model = ModelStage(opts)
+    for row in rows:
+        yield model(decode_stage(row, opts))["result"]
+
+
+def ray_available() -> bool:
+    try:
+        import ray.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not after Ray's long connect retries, when a cluster address does not answer."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray: expected auto, local, none, HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); is `ray start --head` "
+                          "running there?") from None
+
+
+def run_on_ray(rows: list[dict], opts: SummarizeOptions, address: str | None, workers: int) -> Iterator[str]:
+    """Decode as Ray tasks, the model stage as a pool of `workers` actors; rows stream back as they finish.
+
+    Each actor asks for one CPU (Ray then gives its torch one thread). Decode tasks ask for none: they are
+    short and would otherwise wait behind actors that hold every CPU of a small cluster; one per actor runs at
+    once, which also bounds the decoded frames held in the object store. The driver iterates the actors'
+    output directly: a projection stage after them would bundle small rows into one late block, and a killed
+    run would then lose rows that were already finished."""
+    if not rows:
+        return
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # the CLI shows progress; plan and bar notices are noise
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the CLI draws its own
+        context.execution_options.preserve_order = False
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+        ds = ds.map(decode_stage, fn_kwargs={"opts": opts}, num_cpus=0,
+                    compute=ray.data.TaskPoolStrategy(size=workers))
+        ds = ds.map_batches(_RayModelStage, fn_constructor_kwargs={"opts": opts}, batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+                            batch_format="pandas")
+        for row in ds.iter_rows():
+            yield row["result"]
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class _RayModelStage:
+    """`map_batches` callable class: one ModelStage (one loaded model) per actor, applied to each row of a
+    batch (a pandas DataFrame)."""
+
+    def __init__(self, opts: SummarizeOptions) -> None:
+        self.stage = ModelStage(opts)
+
+    def __call__(self, batch):
+        import pandas as pd
+
+        return pd.DataFrame([self.stage(row) for row in batch.to_dict("records")],
+                            columns=["source", "key", "payload", "result"])
+
+
+@dataclass
+class BatchReport:
+    total: int
+    skipped: int
+    done: int
+    failed: int
+    seconds: float
+    engine: str
+    out: str
+
+    @property
+    def videos_per_minute(self) -> float:
+        return 60 * (self.done + self.failed) / self.seconds if self.seconds else 0.0
+
+
+def run_batch(opts: BatchOptions, progress: ProgressFn | None = None) -> BatchReport:
+    """Summarize every video of `opts.sources` not already in `opts.out`; append a row per video."""
+    opts.validate()
+    videos = collect_videos(opts.sources)
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seen = done_keys(out)
+    rows = [_row(v, video_key(v)) for v in videos]
+    todo = [r for r in rows if tuple(json.loads(r["key"])) not in seen]
+    skipped = len(rows) - len(todo)
+    if opts.ray == "none":
+        engine, results = "in-process", run_in_process(todo, opts.summarize)
+    elif opts.ray == "auto" and not ray_available():
+        engine, results = "in-process (ray not installed)", run_in_process(todo, opts.summarize)
+    else:
+        if not ray_available():
+            raise ConfigError("--ray needs Ray Data: pip install 'ray[data]'")
+        # auto: the cluster RAY_ADDRESS names, else a new local one; local: always a new local one
+        address = {"auto": None, "local": "local"}.get(opts.ray, opts.ray)
+        if address not in (None, "local"):
+            check_reachable(address)
+        engine = f"ray ({opts.ray}, {opts.workers} worker{'s' * (opts.workers != 1)})"
+        results = run_on_ray(todo, opts.summarize, address, opts.workers)
+    done = failed = 0
+    t0 = time.perf_counter()
+    if progress:
+        progress(0, 0, len(todo), skipped)
+    with out.open("a") as sink:
+        for line in results:
+            sink.write(line + "\n")
+            sink.flush()  # a killed run keeps every finished row
+            ok = "error" not in json.loads(line)
+            done, failed = done + ok, failed + (not ok)
+            if progress:
+                progress(done, failed, len(todo), skipped)
+    return BatchReport(len(rows), skipped, done, failed, time.perf_counter() - t0, engine, str(out))
