@@ -33,9 +33,8 @@ from streamprune.flops import prefill_flops
 from streamprune.models.base import LLMInputs, VideoLLMAdapter
 from streamprune.models.inner_stage import InnerConfig, method_inner
 from streamprune.reduce import METHODS, check_retain, get_method, reduce_tokens
-from streamprune.reduce.holitom import default_tau
 from streamprune.sources import read_video, resolve_video_arg
-from streamprune.summarize import DEFAULT_PROMPT, PrefillProbe
+from streamprune.summarize import DEFAULT_PROMPT, PrefillProbe, SummarizeOptions, reduction_options
 from streamprune.tokens import VisualTokens
 
 # progress(stage, done, total)
@@ -97,13 +96,6 @@ def _median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def _options_for(name: str, retain: float, opts: BenchOptions) -> dict:
-    options = dict(opts.method_options.get(name, {}))
-    if name == "holitom":
-        options.setdefault("tau", default_tau(retain))
-    return options
-
-
 def run_bench(opts: BenchOptions, adapter: VideoLLMAdapter | None = None, model_name: str | None = None,
               random_weights: bool | None = None, progress: ProgressFn | None = None,
               machine: str | None = None) -> dict:
@@ -127,7 +119,7 @@ def run_bench(opts: BenchOptions, adapter: VideoLLMAdapter | None = None, model_
               "rows": [], "summary": []}
     total = len(clips) * len(names) * len(opts.retains)
     done = 0
-    text_cache: dict[str, torch.Tensor] = {}
+    text = adapter.text_embeddings(opts.prompt) if any(get_method(n).uses_text for n in names) else None
     for video, clip in clips:
         prompt = adapter.prepare(clip.frames, opts.prompt, clip.timestamps)
         vision_times = []
@@ -141,11 +133,10 @@ def run_bench(opts: BenchOptions, adapter: VideoLLMAdapter | None = None, model_
         full_len = full.inputs_embeds.shape[1]
         for name in names:
             spec = get_method(name)
-            if spec.uses_text and "text" not in text_cache:
-                text_cache["text"] = adapter.text_embeddings(opts.prompt)
             plans = []
             for retain in opts.retains:
-                options = _options_for(name, retain, opts)
+                options = reduction_options(SummarizeOptions(video="", method=name, retain=retain,
+                                                             method_options=opts.method_options.get(name, {})))
                 inner = method_inner(spec, retain, InnerConfig(), num_layers, **options)
                 plans.append((retain, options, inner))
             runs_full: list[FirstToken] = []
@@ -157,7 +148,7 @@ def run_bench(opts: BenchOptions, adapter: VideoLLMAdapter | None = None, model_
                 for retain, options, inner in plans:
                     t0 = time.perf_counter()
                     tokens = reduce_tokens(name, encoded.features, encoded.attention, encoded.grid_hw, retain,
-                                           text=text_cache.get("text"), **options)
+                                           text=text, **options)
                     inputs = adapter.reduced_inputs(prompt, tokens, encoded)
                     reduce_s = time.perf_counter() - t0
                     runs[retain].append((reduce_s, time_first_token(adapter, inputs, inner)))

@@ -150,22 +150,23 @@ def _head_norm(attn: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tenso
 
 
 def query_attention(attn: torch.nn.Module, query_hidden: torch.Tensor, query_rope, keys: torch.Tensor,
-                    mask_row: torch.Tensor | None = None) -> torch.Tensor:
-    """Head-averaged attention of one query over keys, in one attention layer.
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of queries over keys in one attention layer, averaged over heads and queries.
 
-    query_hidden: [B, 1, C] the layer's (normed) attention input at the query; query_rope: its (cos, sin);
-    keys: [B, kv_heads, L, hd] after RoPE (as a cache holds them); mask_row: [B, 1, L] bool (True = may
-    attend) or additive. Returns [B, L].
+    query_hidden: [B, q, C] the layer's (normed) attention input at the queries; query_rope: their (cos, sin),
+    or None to score without rotary embeddings; keys: [B, kv_heads, L, hd] as a cache holds them (after RoPE,
+    unless query_rope is None); mask: [B, 1, q, L] bool (True = may attend) or additive. A query that may
+    attend nowhere (padding) counts as attending nowhere. Returns [B, L].
     """
-    rope = model_rope(attn)
-    b = query_hidden.shape[0]
-    q = _head_norm(attn, "q_norm", attn.q_proj(query_hidden).view(b, 1, -1, attn.head_dim)).transpose(1, 2)
-    q, _ = rope(q, q, *query_rope)
+    b, n_queries, _ = query_hidden.shape
+    q = _head_norm(attn, "q_norm", attn.q_proj(query_hidden).view(b, n_queries, -1, attn.head_dim)).transpose(1, 2)
+    if query_rope is not None:
+        q, _ = model_rope(attn)(q, q, *query_rope)
     k = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
-    logits = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, H, L]
-    if mask_row is not None:
-        logits = logits.masked_fill(~mask_row, float("-inf")) if mask_row.dtype == torch.bool else logits + mask_row
-    return torch.softmax(logits.float(), -1).mean(1)
+    logits = (q @ k.transpose(-1, -2)).float() * attn.scaling  # [B, H, q, L]
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+    return torch.softmax(logits, -1).nan_to_num(0.0).mean((1, 2))
 
 
 def queries_attention(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings, attention_mask,
@@ -175,21 +176,16 @@ def queries_attention(attn: torch.nn.Module, hidden: torch.Tensor, position_embe
     (FEATHER's criterion). Returns [B, L]."""
     b, length, _ = hidden.shape
     cos, sin = position_embeddings
-    q = _head_norm(attn, "q_norm", attn.q_proj(hidden[:, queries]).view(b, len(queries), -1, attn.head_dim)).transpose(1, 2)
     k = _head_norm(attn, "k_norm", attn.k_proj(hidden).view(b, length, -1, attn.head_dim)).transpose(1, 2)
+    query_rope = None
     if rope:
-        apply = model_rope(attn)
-        q, _ = apply(q, q, _gather_seq(cos, queries.expand(b, -1)), _gather_seq(sin, queries.expand(b, -1)))
-        _, k = apply(k, k, cos, sin)
-    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
-    logits = (q @ k.transpose(-1, -2)).float() * attn.scaling  # [B, H, q, L]
+        _, k = model_rope(attn)(k, k, cos, sin)
+        query_rope = tuple(_gather_seq(t, queries.expand(b, -1)) for t in (cos, sin))
     if attention_mask is None:
-        logits = logits.masked_fill(torch.arange(length)[None, :] > queries[:, None], float("-inf"))
+        mask = (torch.arange(length)[None, :] <= queries[:, None])[None, None]  # causal
     else:
-        rows = attention_mask[:, :, queries, :length]
-        logits = logits.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else logits + rows.float()
-    # a padding query sees no key (all −inf): count it as attending nowhere
-    return torch.softmax(logits, -1).nan_to_num(0.0).mean((1, 2))
+        mask = attention_mask[:, :, queries, :length]
+    return query_attention(attn, hidden[:, queries], query_rope, k, mask)
 
 
 def _batch_row(t: torch.Tensor, row: int) -> torch.Tensor:

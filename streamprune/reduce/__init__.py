@@ -2,7 +2,7 @@
 
 The registry (`METHODS`, from `streamprune.reduce.methods`) holds every method with its paper, defaults and
 where it cuts. Before the LLM a method takes (features [T, N, D], attention [T, N], grid_hw, retain,
-**options) and returns a `VisualTokens`; what it cuts inside the LLM is an `InnerConfig` from its `split`.
+**options) and returns a `VisualTokens`; what it cuts inside the LLM is an `InnerConfig` from its `inner`.
 Methods know shapes, not models.
 """
 
@@ -46,7 +46,7 @@ def reduce_tokens(method: str, features: torch.Tensor, attention: torch.Tensor, 
     spec = get_method(method)
     check_retain(retain)
     first = outer_retain(method, retain, **options)
-    if first >= 1.0 or spec.reduce is None:
+    if first >= 1.0:  # also every method without a cut before the LLM
         return no_reduction(features, attention, grid_hw)
     if spec.uses_text:
         options["text"] = text

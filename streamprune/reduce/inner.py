@@ -150,9 +150,13 @@ def make_plan(mode: str, hidden: torch.Tensor, visual_mask: torch.Tensor, ratio:
     if mode not in (*MODES, "none"):
         raise ConfigError(f"unknown inner mode {mode!r}; choose one of: {', '.join(MODES)}, none")
     if mode == "none":
-        b, length = visual_mask.shape
-        return MergePlan(torch.arange(length).expand(b, -1), torch.full((b, length), -1, dtype=torch.long))
+        return _keep_all(visual_mask)
     return step_plan(mode_step(mode, 0, ratio), hidden, visual_mask, scores)
+
+
+def _keep_all(visual_mask: torch.Tensor) -> MergePlan:
+    b, length = visual_mask.shape
+    return MergePlan(torch.arange(length).expand(b, -1), torch.full((b, length), -1, dtype=torch.long))
 
 
 def uniform_picks(visual_mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -169,10 +173,9 @@ def step_plan(step: InnerStep, hidden: torch.Tensor, visual_mask: torch.Tensor,
               scores: torch.Tensor | None = None) -> MergePlan:
     """Decide which tokens survive `step`. hidden: [B, L, C] (the input of its layer); scores: [B, L]
     (higher = keep) for every criterion but `similarity`."""
-    b, length = visual_mask.shape
     n_remove = removal_count(visual_mask, step.ratio)
     if n_remove == 0:
-        return MergePlan(torch.arange(length).expand(b, -1), torch.full((b, length), -1, dtype=torch.long))
+        return _keep_all(visual_mask)
     if step.criterion == "similarity":
         target = bipartite_plan(hidden, visual_mask, n_remove)
         removed = target >= 0
@@ -188,7 +191,7 @@ def step_plan(step: InnerStep, hidden: torch.Tensor, visual_mask: torch.Tensor,
             target = nearest_kept(hidden, removed, visual_mask & ~removed)
         else:
             target = torch.full(removed.shape, -1, dtype=torch.long)
-    keep = (~removed).nonzero()[:, 1].view(b, -1)  # row-major nonzero: sorted per row
+    keep = (~removed).nonzero()[:, 1].view(visual_mask.shape[0], -1)  # row-major nonzero: sorted per row
     return MergePlan(keep, target)
 
 
