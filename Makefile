@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both bootstrap the environment.
-.PHONY: demo test bench bench-fidelity bench-stream bench-vla bench-vla-pi0 bench-vla-fidelity bench-encoder bench-vla-encoder bench-models bench-methods bench-batch setup lint
+.PHONY: demo test test-gpu bench-gpu bench bench-fidelity bench-stream bench-vla bench-vla-pi0 bench-vla-fidelity bench-encoder bench-vla-encoder bench-models bench-methods bench-batch setup lint
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -10,8 +10,18 @@ setup:
 demo: setup
 	.venv/bin/streamprune summarize sample:bigbuckbunny --model tiny --retain 0.1 --save-viz out/demo_holitom.png
 
+# the core suite runs on the CPU (fp32) even where a GPU is visible; tests/gpu is `make test-gpu`.
+# robosuite reads CUDA_VISIBLE_DEVICES to pick its EGL device, so that one is named explicitly.
 test: setup
-	.venv/bin/python -m pytest -q
+	CUDA_VISIBLE_DEVICES= MUJOCO_EGL_DEVICE_ID=0 .venv/bin/python -m pytest -q
+
+# on a machine with a CUDA GPU: the device checks on CUDA, every model family, compiled decode
+test-gpu: setup
+	.venv/bin/python -m pytest -q tests/gpu
+
+# on a machine with a CUDA GPU: TTFT / reduce / decode at 7B dimensions, results in benchmarks/results/gpu/
+bench-gpu: setup
+	.venv/bin/python -m benchmarks.bench_gpu
 
 lint: setup
 	.venv/bin/ruff check streamprune policies envs tests benchmarks

@@ -390,8 +390,8 @@ class _EpisodeLoop:
 
 def last_kept_overlay(policy: Any) -> dict[str, np.ndarray]:
     """Overlay for the pruned policies in `policies/`: their `last_kept` (camera -> kept token indices
-    [B, k] on a square grid) as bool [side, side] grids for batch row 0. The grid size per camera is
-    `tokens_total / len(last_kept)` (64 for SmolVLA, 256 for pi0)."""
+    [B, k] on a square grid, on the policy's device) as bool [side, side] host grids for batch row 0. The grid
+    size per camera is `tokens_total / len(last_kept)` (64 for SmolVLA, 256 for pi0)."""
     last_kept = getattr(policy, "last_kept", None) or {}
     if not last_kept:
         return {}
@@ -400,7 +400,7 @@ def last_kept_overlay(policy: Any) -> dict[str, np.ndarray]:
     masks = {}
     for camera, indices in last_kept.items():
         kept = np.zeros(per_camera, bool)
-        kept[np.asarray(indices)[0]] = True
+        kept[indices[0].cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)[0]] = True
         masks[camera] = kept.reshape(side, side)
     return masks
 

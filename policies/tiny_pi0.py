@@ -138,17 +138,19 @@ def build_tiny_pi0(
     input_features: dict[str, PolicyFeature] | None = None,
     output_features: dict[str, PolicyFeature] | None = None,
     spec_path: Path = TINY_PI0,
+    device: torch.device | str = "cpu",
     **overrides: Any,
 ) -> tuple[PI0Policy | PI05Policy, Any, Any]:
     """(policy, preprocessor, postprocessor) of a tiny pi0 or pi05 (by `policy_cls`), offline, with identical
-    weights on every build. `overrides` are config fields (e.g. `retain=0.5` for a pruned subclass);
-    PushT-like features by default."""
+    weights on every build. `overrides` are config fields (e.g. `retain=0.5` for a pruned subclass, or
+    `dtype="bfloat16"`: lerobot then keeps the vision tower, projector and norms in float32); PushT-like
+    features by default. lerobot builds the weights on the CPU and moves the model to `device`."""
     family = PI05 if issubclass(policy_cls, PI05Policy) else PI0
     spec = load_spec(spec_path)
     inputs = dict(input_features or PUSHT_INPUTS)
     outputs = dict(output_features or PUSHT_OUTPUTS)
     fields = {**spec["policy"], **spec.get(family.name, {}), **overrides}
-    config = config_cls(input_features=inputs, output_features=outputs, device="cpu", **fields)
+    config = config_cls(input_features=inputs, output_features=outputs, device=str(device), **fields)
     with tiny_pi0_patches(spec, family):
         torch.manual_seed(spec["seed"])
         policy = policy_cls(config).eval()

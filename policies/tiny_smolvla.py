@@ -77,25 +77,35 @@ def tiny_smolvlm_dir(spec_path: Path = TINY_SMOLVLM) -> Path:
     return cached_build(spec_path, build_tiny_smolvlm)
 
 
+def place_smolvla(policy: SmolVLAPolicy, device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
+    """Move a SmolVLA to `device` with its SmolVLM backbone in `dtype`. The action expert and the projections stay
+    in float32, as lerobot keeps them when it loads the backbone's weights in bfloat16."""
+    policy.model.vlm_with_expert.vlm.to(dtype)
+    policy.to(device)
+    policy.config.device = str(device)
+
+
 def build_tiny_smolvla(policy_cls: type = SmolVLAPolicy, config_cls: type = SmolVLAConfig,
                        input_features: dict[str, PolicyFeature] | None = None,
                        output_features: dict[str, PolicyFeature] | None = None, preset: str = "pusht",
-                       seed: int = 0, backbone: Path = TINY_SMOLVLM,
-                       **config_overrides: Any) -> tuple[Any, Any, Any]:
+                       seed: int = 0, backbone: Path = TINY_SMOLVLM, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32, **config_overrides: Any) -> tuple[Any, Any, Any]:
     """(policy, preprocessor, postprocessor) of a tiny offline SmolVLA (or subclass) in eval mode.
 
     Features default to `preset` ("pusht": observation.image (3,96,96), state/action (2,); "aloha":
     observation.images.top (3,480,640), state/action (14,)). Weights depend only on `seed` (the global RNG is
-    left untouched), so two builds with the same seed are identical. `backbone` is the SmolVLM spec
-    (`configs/models/smolvlm-500m-dims.yaml` gives the real dimensions, for benchmarks).
+    left untouched), so two builds with the same seed are identical (built on the CPU, then moved to `device`
+    with the backbone in `dtype`: see `place_smolvla`; the preprocessor moves inputs there). `backbone` is the
+    SmolVLM spec (`configs/models/smolvlm-500m-dims.yaml` gives the real dimensions, for benchmarks).
     """
     preset_in, preset_out = FEATURE_PRESETS[preset]
     input_features = input_features or preset_in
     output_features = output_features or preset_out
-    config = config_cls(vlm_model_name=str(tiny_smolvlm_dir(backbone)), load_vlm_weights=False, device="cpu",
+    config = config_cls(vlm_model_name=str(tiny_smolvlm_dir(backbone)), load_vlm_weights=False, device=str(device),
                         input_features=input_features, output_features=output_features, **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         policy = policy_cls(config).eval()
+    place_smolvla(policy, device, dtype)
     pre, post = make_smolvla_pre_post_processors(config, dataset_stats=neutral_stats({**input_features, **output_features}))
     return policy, pre, post

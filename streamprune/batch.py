@@ -27,7 +27,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from streamprune.errors import ConfigError, StreamPruneError
+from streamprune.runtime import out_of_memory
 from streamprune.summarize import SummarizeOptions, decode_clip, encode_clip, finish
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts", ".mpg", ".mpeg", ".flv", ".wmv"}
@@ -50,7 +53,10 @@ class BatchOptions:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         if not self.sources:
             raise ConfigError("give at least one source: a folder, a glob, or a .txt/.csv list of videos")
-        replace(self.summarize, video="x").validate()
+        options = replace(self.summarize, video="x")
+        if self.ray != "none" and options.device != "auto":  # the GPUs are the cluster's: each actor checks its own
+            options = replace(options, device="cpu")
+        options.validate()
         from streamprune.models import resolve_model_source
 
         resolve_model_source(self.summarize.model)  # an unknown model fails here, not in every worker (and a
@@ -137,6 +143,8 @@ def _finished(row: dict, fields: dict) -> dict:
 
 
 def _error_row(row: dict, exc: BaseException) -> dict:
+    if isinstance(exc, torch.OutOfMemoryError):  # this video was too long for the GPU; the next may fit
+        exc = out_of_memory(exc, "summary of this video")
     message = str(exc) if isinstance(exc, StreamPruneError) else f"{type(exc).__name__}: {exc}"
     return _finished(row, {"error": message.splitlines()[0] if message.strip() else repr(exc)})
 
@@ -158,7 +166,7 @@ class ModelStage:
         from streamprune.models import load_video_llm
 
         self.opts = opts
-        self.loaded = loaded or load_video_llm(opts.model)
+        self.loaded = loaded or load_video_llm(opts.model, opts.device, opts.dtype, opts.attn_implementation)
 
     def __call__(self, row: dict) -> dict:
         if row["result"] is not None:  # failed to decode
@@ -207,7 +215,9 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 def run_on_ray(rows: list[dict], opts: SummarizeOptions, address: str | None, workers: int) -> Iterator[str]:
     """Decode as Ray tasks, the model stage as a pool of `workers` actors; rows stream back as they finish.
 
-    Each actor asks for one CPU (Ray then gives its torch one thread). Decode tasks ask for none: they are
+    Each actor asks for one CPU (Ray then gives its torch one thread) and, when the run is on GPUs (`--device
+    cuda`, or `auto` on a cluster that has GPUs), one GPU: one model per GPU, on the GPU Ray assigns it (which it
+    sees as cuda:0). Decode tasks ask for none: they are
     short and would otherwise wait behind actors that hold every CPU of a small cluster; one per actor runs at
     once, which also bounds the decoded frames held in the object store. The driver iterates the actors'
     output directly: a projection stage after them would bundle small rows into one late block, and a killed
@@ -220,6 +230,9 @@ def run_on_ray(rows: list[dict], opts: SummarizeOptions, address: str | None, wo
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # the CLI shows progress; plan and bar notices are noise
+    gpus = actor_gpus(opts.device, ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        opts = replace(opts, device="cuda")  # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPU
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the CLI draws its own
@@ -228,13 +241,23 @@ def run_on_ray(rows: list[dict], opts: SummarizeOptions, address: str | None, wo
         ds = ds.map(decode_stage, fn_kwargs={"opts": opts}, num_cpus=0,
                     compute=ray.data.TaskPoolStrategy(size=workers))
         ds = ds.map_batches(_RayModelStage, fn_constructor_kwargs={"opts": opts}, batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
+                            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=gpus,
                             batch_format="pandas")
         for row in ds.iter_rows():
             yield row["result"]
     finally:
         if started:
             ray.shutdown()
+
+
+def actor_gpus(device: str, cluster_gpus: float) -> int:
+    """GPUs each model actor asks Ray for: 1 for `cuda`/`cuda:N` (ConfigError if the cluster has none), 1 for
+    `auto` on a cluster with GPUs, else 0."""
+    if device.startswith("cuda"):
+        if cluster_gpus < 1:
+            raise ConfigError(f"--device {device}: the Ray cluster has no GPU (ray.cluster_resources() lists none)")
+        return 1
+    return 1 if device == "auto" and cluster_gpus >= 1 else 0
 
 
 class _RayModelStage:

@@ -33,8 +33,15 @@ from streamprune.flops import prefill_flops
 from streamprune.models.base import LLMInputs, VideoLLMAdapter
 from streamprune.models.inner_stage import InnerConfig, method_inner
 from streamprune.reduce import METHODS, check_retain, get_method, reduce_tokens
+from streamprune.runtime import Runtime
 from streamprune.sources import read_video, resolve_video_arg
-from streamprune.summarize import DEFAULT_PROMPT, PrefillProbe, SummarizeOptions, reduction_options
+from streamprune.summarize import (
+    DEFAULT_PROMPT,
+    PrefillProbe,
+    SummarizeOptions,
+    reduction_options,
+    synchronize,
+)
 from streamprune.tokens import VisualTokens
 
 # progress(stage, done, total)
@@ -53,6 +60,9 @@ class BenchOptions:
     prompt: str = DEFAULT_PROMPT
     out: str = "out/bench"
     method_options: dict[str, dict] = field(default_factory=dict)  # per method, e.g. from configs/methods/
+    device: str = "auto"  # where the model runs (streamprune.runtime)
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
 
     def method_names(self) -> list[str]:
         return self.methods if self.methods else [m for m in METHODS if m != "none"]
@@ -84,6 +94,7 @@ def time_first_token(adapter: VideoLLMAdapter, inputs: LLMInputs, inner: InnerCo
     probe = PrefillProbe(adapter.language_model)
     num_layers = adapter.config.text_config.num_hidden_layers
     seq_len = inputs.inputs_embeds.shape[1]
+    synchronize(inputs.inputs_embeds)
     t0 = time.perf_counter()
     with adapter.inner_stage(inputs, inner) as stage, probe.installed():
         adapter.generate(inputs, 1, logits_processor=[probe])
@@ -106,12 +117,15 @@ def run_bench(opts: BenchOptions, adapter: VideoLLMAdapter | None = None, model_
     if adapter is None:
         from streamprune.models import load_video_llm
 
-        loaded = load_video_llm(opts.model)
-        adapter, model_name, random_weights = loaded.adapter, loaded.name, loaded.random_weights
+        loaded = load_video_llm(opts.model, opts.device, opts.dtype, opts.attn_implementation)
+        adapter, model_name, random_weights, runtime = loaded.adapter, loaded.name, loaded.random_weights, loaded.runtime
+    else:  # a model built by the caller: where it is
+        runtime = Runtime(adapter.model.device, adapter.model.dtype, opts.attn_implementation)
     text_config = adapter.config.text_config
     num_layers = text_config.num_hidden_layers
     names = opts.method_names()
     result = {"model": model_name or opts.model, "random_weights": bool(random_weights), "machine": machine,
+              "runtime": runtime.describe(),
               "settings": {**asdict(opts), "methods": names},
               "metrics": "fidelity columns are proxies (agreement with the unreduced model), not task accuracy",
               "methods": {n: {"paper": METHODS[n].paper, "cuts": list(METHODS[n].cuts), "criterion": METHODS[n].criterion}
@@ -124,8 +138,10 @@ def run_bench(opts: BenchOptions, adapter: VideoLLMAdapter | None = None, model_
         prompt = adapter.prepare(clip.frames, opts.prompt, clip.timestamps)
         vision_times = []
         for _ in range(opts.repeats):
+            runtime.synchronize()
             t0 = time.perf_counter()
             encoded = adapter.encode(prompt)
+            runtime.synchronize()
             vision_times.append(time.perf_counter() - t0)
         vision_s = _median(vision_times)
         full = adapter.reduced_inputs(prompt, VisualTokens.unreduced(encoded.features, encoded.grid_hw), encoded)
@@ -146,10 +162,12 @@ def run_bench(opts: BenchOptions, adapter: VideoLLMAdapter | None = None, model_
             for _ in range(opts.repeats):
                 runs_full.append(time_first_token(adapter, full, None))
                 for retain, options, inner in plans:
+                    runtime.synchronize()
                     t0 = time.perf_counter()
                     tokens = reduce_tokens(name, encoded.features, encoded.attention, encoded.grid_hw, retain,
                                            text=text, **options)
                     inputs = adapter.reduced_inputs(prompt, tokens, encoded)
+                    runtime.synchronize()
                     reduce_s = time.perf_counter() - t0
                     runs[retain].append((reduce_s, time_first_token(adapter, inputs, inner)))
                     reduced_inputs[retain], kept[retain] = inputs, len(tokens)
@@ -205,7 +223,8 @@ def markdown_table(result: dict) -> str:
     s = result["settings"]
     head = (f"Model `{result['model']}`{' (random weights)' if result['random_weights'] else ''}, "
             f"{len(s['videos'])} video(s) × {s['frames']} frames, {s['repeats']} repeats (medians), fidelity over "
-            f"{s['steps']} answer tokens" + (f"; machine: {result['machine']}" if result.get("machine") else "") + ".\n"
+            f"{s['steps']} answer tokens" + (f"; machine: {result['machine']}" if result.get("machine") else "")
+            + (f"; {_runtime_text(result['runtime'])}" if result.get("runtime") else "") + ".\n"
             "Speedups are against the unreduced model measured in the same run. KL and agreement are fidelity "
             "proxies against the unreduced model" + (", on random weights: not task accuracy" if result["random_weights"]
                                                      else "") + ".\n\n")
@@ -221,6 +240,11 @@ def markdown_table(result: dict) -> str:
             f"{r['kl_mean']:.4f}", f"{r['greedy_agreement']:.2f}", f"{r['teacher_forced_agreement']:.2f}"]) + " |")
     notes = "\n\nprefill FLOPs and KV cache are ratios to the unreduced model (1.000 = unchanged)."
     return head + "\n".join(lines) + notes + "\n"
+
+
+def _runtime_text(runtime: dict) -> str:
+    return ", ".join(x for x in (runtime.get("gpu") or runtime["device"], runtime["dtype"], runtime["attn_implementation"])
+                     if x)
 
 
 def plot_fidelity(result: dict, path: Path) -> None:

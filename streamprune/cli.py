@@ -9,6 +9,8 @@ import sys
 import time
 import warnings
 
+import torch
+
 from streamprune.encoder import ENCODER_METHODS, parse_encoder
 from streamprune.errors import ConfigError, StreamPruneError
 from streamprune.fidelity import run_fidelity
@@ -17,6 +19,7 @@ from streamprune.models.inner_stage import InnerConfig
 from streamprune.policy_eval import CUTS, POLICIES, SELECTIONS, PolicyEvalOptions, run_policy_eval
 from streamprune.reduce import METHODS
 from streamprune.reduce.presets import resolve_method
+from streamprune.runtime import out_of_memory
 from streamprune.summarize import DEFAULT_PROMPT, SummarizeOptions, SummaryReport, summarize
 
 
@@ -48,6 +51,24 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge-schedule", default=None, metavar="SHAPE",
                    help="tokens merged per layer: constant (ToMe's default) or decreasing (more in early layers) "
                         "[constant]")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser, compile_flag: bool = False) -> None:
+    """Where the model runs: device, dtype, attention kernels (every command that loads a model)."""
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where the model runs: auto = a CUDA GPU when one is visible, else the CPU [auto]")
+    p.add_argument("--dtype", default="auto", metavar="auto|bfloat16|float16|float32",
+                   help="weights and activations: auto = bfloat16 on a GPU, float32 on the CPU [auto]")
+    p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"],
+                   help="the model's attention kernels [sdpa]")
+    if compile_flag:
+        p.add_argument("--compile", action="store_true",
+                       help="decode with a static KV cache and a torch.compile'd step (CUDA; the first call compiles, "
+                            "later ones in the same process reuse it)")
+
+
+def _runtime(args: argparse.Namespace) -> dict:
+    return {"device": args.device, "dtype": args.dtype, "attn_implementation": args.attn_implementation}
 
 
 def _encoder(args: argparse.Namespace):
@@ -84,6 +105,7 @@ def _add_reduction_args(p: argparse.ArgumentParser) -> None:
                    help="do not add log(size) to the attention logits of merged tokens (ToMe's proportional "
                         "attention, on by default)")
     _add_encoder_args(p)
+    _add_runtime_args(p, compile_flag=True)
 
 
 class _SimEnvNames:
@@ -142,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt", default=DEFAULT_PROMPT, help="instruction given with each video")
     b.add_argument("--out", default="out/bench", help="output folder [out/bench]")
     b.add_argument("--json", action="store_true", help="print the result JSON instead of the table")
+    _add_runtime_args(b)
     sub.add_parser("methods", help="list the reduction methods: paper, where each cuts, criterion")
     st = sub.add_parser("stream", help="watch a live source with live token counts",
                         description="Stream a webcam, network stream, file or test pattern through the streaming "
@@ -162,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--max-frames", type=int, help="stop after this many frames")
     st.add_argument("--realtime", action="store_true", help="pace a file or test pattern at its frame rate")
     _add_encoder_args(st)
+    _add_runtime_args(st)
     pol = sub.add_parser("policy", help="pruned vision-language-action policies in simulation")
     pol_sub = pol.add_subparsers(dest="policy_command", required=True)
     ev = pol_sub.add_parser("eval", help="run a pruned VLA policy in a simulated environment",
@@ -184,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task-id", type=int, help="LIBERO only: the task of the suite [0]")
     ev.add_argument("--video", metavar="PATH", help="write the first episode as an mp4 with kept tokens overlaid")
     _add_encoder_args(ev)
+    _add_runtime_args(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -197,7 +222,7 @@ def _options(args: argparse.Namespace) -> SummarizeOptions:
                             save_viz=getattr(args, "save_viz", None),
                             inner=InnerConfig(mode=args.inner, layer=args.inner_layer, ratio=args.inner_ratio,
                                               merge=args.inner_merge, proportional=args.proportional_attention),
-                            encoder=_encoder(args))
+                            encoder=_encoder(args), compile=args.compile, **_runtime(args))
 
 
 def _progress_bars(console):
@@ -257,7 +282,13 @@ def print_report(report: SummaryReport, console) -> None:
     for key in ("decode_video", "vision", "reduce", "prefill", "ttft", "generate"):
         table.add_row(f"time {key.replace('_', ' ')}", f"{tm[key]:.3f} s",
                       {"ttft": "vision + reduce + prefill", "vision": f"{tm['vision'] / max(tm['ttft'], 1e-9):.0%} of ttft"}.get(key, ""))
+    if "decode_per_token" in tm:
+        table.add_row("time per answer token", f"{1000 * tm['decode_per_token']:.1f} ms",
+                      "compiled decode, static KV cache" if report.runtime.get("compile") else "")
     table.add_row("generated", f"{report.generated_tokens} tokens", "")
+    rt = report.runtime
+    if rt:
+        table.add_row("device", rt["device"], ", ".join(x for x in (rt.get("gpu"), rt["dtype"], rt["attn_implementation"]) if x))
     console.print(table)
     if report.viz:
         console.print(f"visualization: {report.viz}")
@@ -303,7 +334,7 @@ def _bench_options(args: argparse.Namespace):
         options[name] = method_options
     return BenchOptions(videos=args.videos, model=args.model, methods=methods or None, retains=_list(args.retain, float),
                         frames=args.frames, repeats=args.repeats, steps=args.steps, prompt=args.prompt, out=args.out,
-                        method_options=options)
+                        method_options=options, **_runtime(args))
 
 
 def run_bench(opts, progress=None) -> dict:
@@ -397,13 +428,13 @@ def main(argv: list[str] | None = None) -> int:
                                    every=args.every, max_context_tokens=args.max_context_tokens,
                                    lookahead=args.lookahead, ui=ui, json_lines=args.json_lines,
                                    max_frames=args.max_frames, realtime=args.realtime, port=args.port,
-                                   encoder=_encoder(args)))
+                                   encoder=_encoder(args), **_runtime(args)))
         elif args.command == "policy":
             opts = PolicyEvalOptions(policy=args.policy, env=args.env, policy_path=args.policy_path,
                                      episodes=args.episodes, retain=args.retain, cut=args.cut,
                                      selection=args.selection, seed=args.seed, max_steps=args.max_steps,
                                      n_action_steps=args.n_action_steps, task_id=args.task_id, video=args.video,
-                                     encoder=_encoder(args))
+                                     encoder=_encoder(args), **_runtime(args))
             # lerobot and the simulators print to stdout; keep stdout for our report alone
             with bars, contextlib.redirect_stdout(sys.stderr):
                 result = run_policy_eval(opts, progress=lambda done, total: update("steps", done, total))
@@ -442,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     except StreamPruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except torch.OutOfMemoryError as exc:
+        oom = out_of_memory(exc, f"`{args.command}` run")
+        print(f"error: {oom}", file=sys.stderr)
+        return oom.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -14,6 +14,12 @@ segment closes. With the look-ahead covering the whole video the segments equal 
 Memory is bounded by `max_context_tokens`: when the cache would exceed it, the oldest segment's KV
 entries are merged pairwise by similarity (bipartite matching, size-weighted), then evicted whole; the
 prompt prefix is never touched and every eviction is recorded.
+
+Devices: frames arrive as numpy and the skip test stays on the host; every tensor (features, the cache and
+its per-entry bookkeeping, importance) lives on the model's device, in the model's dtype for values. Which
+segments the cache holds, and how many entries each, is also counted on the host, so eviction decisions
+never read the device. Host reads per push: the pending window's similarities for the segmentation DP;
+per question: one per generated token (the end-of-sequence check).
 """
 
 from __future__ import annotations
@@ -90,8 +96,8 @@ class _Pending:
 
     features: list[torch.Tensor] = field(default_factory=list)
     attention: list[torch.Tensor] = field(default_factory=list)
-    similarity: list[torch.Tensor] = field(default_factory=list)  # [N] per transition i → i+1 (W−1 of them)
-    index: list[int] = field(default_factory=list)
+    similarity: list[torch.Tensor] = field(default_factory=list)  # [N] fp32 per transition i → i+1 (W−1)
+    index: list[int] = field(default_factory=list)  # consecutive stream frame indices
     time: list[float] = field(default_factory=list)
     skipped: list[bool] = field(default_factory=list)
     images: list[np.ndarray] = field(default_factory=list)
@@ -112,12 +118,14 @@ class StreamEngine:
         self.adapter = adapter
         self.config = config or StreamConfig()
         self.config.validate()
+        self.device, self.dtype = adapter.model.device, adapter.model.dtype
         self.tau = self.config.tau if self.config.tau is not None else default_tau(self.config.retain)
         self.grid_hw = adapter.grid_hw
         self.importance = ImportanceState(adapter.tokens_per_frame, window=self.config.importance_window,
-                                          decay=self.config.importance_decay)
+                                          decay=self.config.importance_decay, device=self.device)
         self.vision = adapter.vision_encoder(self.config.encoder) if self.config.encoder.active else None
-        self.prefix_ids, _ = self._split_prompt("?")
+        self._prefix, _ = self._prompt_ids("?")
+        self.prefix_ids = torch.tensor(self._prefix, dtype=torch.long, device=self.device)
         self._pending = _Pending()
         self._last_thumb: np.ndarray | None = None
         self._counts = dict(frames_in=0, frames_skipped=0, frames_encoded=0, tokens_encoded=0, tokens_kept=0,
@@ -125,51 +133,66 @@ class StreamEngine:
         self.evicted: list[dict] = []  # what left the context: segment, frames, tokens
         self._merged_segments: set[int] = set()  # segments whose KV entries were already halved
         self.last_answer = ""
-        self.last_view: tuple[np.ndarray, np.ndarray] | None = None  # (frame, kept grid) of the last segment
+        self._last_view: tuple[np.ndarray, torch.Tensor | np.ndarray] | None = None
         self._push_seconds = 0.0
         self._started = time.perf_counter()
         self._stream_time = 0.0
         self._reset_cache()
 
     # ------------------------------------------------------------------ prompt and cache
-    def _split_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids before and after the video placeholder in the chat-formatted prompt."""
+    def _prompt_ids(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Token ids (host lists) before and after the video placeholder in the chat-formatted prompt."""
         conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
         text = self.adapter.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        ids = torch.tensor(self.adapter.processor.tokenizer(text).input_ids)
-        at = (ids == self.adapter.video_token_id).nonzero().squeeze(1)
+        ids = list(self.adapter.processor.tokenizer(text).input_ids)
+        at = [i for i, token in enumerate(ids) if token == self.adapter.video_token_id]
         if len(at) != 1:
             raise ConfigError("the chat template must place exactly one video placeholder")
         return ids[: at[0]], ids[at[0] + 1 :]
+
+    def _split_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids before and after the video placeholder, as [n] long tensors on the model's device."""
+        prefix, suffix = self._prompt_ids(prompt)
+        return (torch.tensor(prefix, dtype=torch.long, device=self.device),
+                torch.tensor(suffix, dtype=torch.long, device=self.device))
 
     def _reset_cache(self) -> None:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.adapter.model.config.text_config)
         self.next_position = 0
-        # per cache entry: kind (0 prefix, 1 visual), segment, frame, grid position, size, input embedding
-        self.entry_segment = torch.empty(0, dtype=torch.long)
-        self.entry_frame = torch.empty(0, dtype=torch.long)
-        self.entry_pos = torch.empty(0, dtype=torch.long)
-        self.entry_size = torch.empty(0)
-        self.entry_embed = torch.empty(0, self.adapter.model.config.text_config.hidden_size)
+        # per cache entry [L]: segment (-1 for the prompt prefix), frame, grid position, size (original tokens
+        # it stands for, fp32) and input embedding [L, C] (model dtype), all on the model's device
+        device = self.device
+        self.entry_segment = torch.empty(0, dtype=torch.long, device=device)
+        self.entry_frame = torch.empty(0, dtype=torch.long, device=device)
+        self.entry_pos = torch.empty(0, dtype=torch.long, device=device)
+        self.entry_size = torch.empty(0, device=device)
+        self.entry_embed = torch.empty(0, self.adapter.model.config.text_config.hidden_size, dtype=self.dtype,
+                                       device=device)
+        self._segment_entries: dict[int, int] = {}  # host count of cache entries per segment, oldest first
         embeds = self.adapter.model.get_input_embeddings()(self.prefix_ids[None])
-        self._prefill(embeds, segment=-1, frame=torch.full((embeds.shape[1],), -1),
-                      pos=torch.full((embeds.shape[1],), -1), size=torch.ones(embeds.shape[1]))
+        m = embeds.shape[1]
+        self._prefill(embeds, segment=-1, frame=torch.full((m,), -1, device=device),
+                      pos=torch.full((m,), -1, device=device), size=torch.ones(m, device=device))
 
     @torch.no_grad()
-    def _prefill(self, embeds: torch.Tensor, segment: int, frame, pos, size) -> None:
-        """Append `embeds` [1, m, C] to the KV cache at the next positions (never re-prefilled)."""
+    def _prefill(self, embeds: torch.Tensor, segment: int, frame: torch.Tensor, pos: torch.Tensor,
+                 size: torch.Tensor) -> None:
+        """Append `embeds` [1, m, C] to the KV cache at the next positions (never re-prefilled); frame, pos,
+        size: [m] per entry."""
         m = embeds.shape[1]
-        positions = torch.arange(self.next_position, self.next_position + m)[None]
+        positions = torch.arange(self.next_position, self.next_position + m, device=embeds.device)[None]
         self.adapter.language_model(inputs_embeds=embeds, position_ids=positions, past_key_values=self.cache,
                                     use_cache=True)
         self.next_position += m
-        self.entry_segment = torch.cat([self.entry_segment, torch.full((m,), segment)])
+        self.entry_segment = torch.cat([self.entry_segment, torch.full((m,), segment, device=embeds.device)])
         self.entry_frame = torch.cat([self.entry_frame, frame])
         self.entry_pos = torch.cat([self.entry_pos, pos])
         self.entry_size = torch.cat([self.entry_size, size.float()])
-        self.entry_embed = torch.cat([self.entry_embed, embeds[0].float()])
+        self.entry_embed = torch.cat([self.entry_embed, embeds[0].to(self.entry_embed.dtype)])
+        if segment >= 0:
+            self._segment_entries[segment] = self._segment_entries.get(segment, 0) + m
 
     @property
     def kv_tokens(self) -> int:
@@ -199,7 +222,8 @@ class StreamEngine:
             self._counts["patches_total"] += encoded.encoder.patches
         p = self._pending
         if p.features:  # a skipped frame is identical to its predecessor by construction
-            similarity = torch.ones(features.shape[0]) if skip else F.cosine_similarity(p.features[-1], features, -1)
+            similarity = (torch.ones(features.shape[0], device=features.device) if skip
+                          else F.cosine_similarity(p.features[-1].float(), features.float(), -1))
             p.similarity.append(similarity)
         p.features.append(features)
         p.attention.append(attention)
@@ -244,21 +268,24 @@ class StreamEngine:
         segment_id = self._counts["segments"]
         self._counts["segments"] += 1
         n = self.adapter.tokens_per_frame
-        previous = self.entry_segment == segment_id - 1
-        if all(seg.skipped) and previous.any():
+        if all(seg.skipped) and segment_id - 1 in self._segment_entries:
             # nothing new since the previous segment, still in context: it now stands for these frames too
-            self.entry_size[previous] += length * n * self.entry_size[previous] / self.entry_size[previous].sum()
-            self.entry_segment[previous] = segment_id
+            previous = self.entry_segment == segment_id - 1
+            share = torch.where(previous, self.entry_size, 0.0)
+            self.entry_size = self.entry_size + length * n * share / share.sum()
+            self.entry_segment = torch.where(previous, segment_id, self.entry_segment)
+            self._segment_entries[segment_id] = self._segment_entries.pop(segment_id - 1)
             kept_count = 0
         else:
             features, attention = torch.stack(seg.features), torch.stack(seg.attention)
             tokens = holitom_reduce(features, attention, self.grid_hw, self.config.retain, tau=self.tau,
                                     protected=self._protected_positions())
             self._make_room(len(tokens))
-            self._prefill(tokens.features.to(self.adapter.model.dtype)[None], segment=segment_id,
-                          frame=torch.tensor(seg.index)[tokens.frame], pos=tokens.position, size=tokens.size)
+            # the segment's frames are consecutive stream frames: tokens.frame counts from its first
+            self._prefill(tokens.features.to(self.dtype)[None], segment=segment_id, frame=tokens.frame + seg.index[0],
+                          pos=tokens.position, size=tokens.size)
             kept_count = len(tokens)
-            self.last_view = (seg.images[-1], (tokens.fate[-1] == Fate.KEPT).view(*self.grid_hw).numpy())
+            self._last_view = (seg.images[-1], (tokens.fate[-1] == Fate.KEPT).view(*self.grid_hw))
         self._counts["tokens_kept"] += kept_count
         return SegmentRecord(segment=segment_id, frames=(seg.index[0], seg.index[-1]),
                              time_s=(round(float(seg.time[0]), 3), round(float(seg.time[-1]), 3)),
@@ -266,13 +293,21 @@ class StreamEngine:
                              kv_tokens=self.kv_tokens, kv_bytes=cache_bytes(self.cache),
                              evicted_segments=self._counts["evicted_segments"])
 
+    @property
+    def last_view(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(frame [H, W, 3] uint8, kept grid [h, w] bool) of the last segment, for the web view; the grid is
+        read from the device on first access only."""
+        if self._last_view is not None and isinstance(self._last_view[1], torch.Tensor):
+            self._last_view = (self._last_view[0], self._last_view[1].cpu().numpy())
+        return self._last_view
+
     def _protected_positions(self) -> torch.Tensor | None:
+        """[N] bool: the grid positions the questions so far looked at most (None before enough questions)."""
         if not self.importance.ready or self.config.protect_fraction <= 0:
             return None
         k = round(self.config.protect_fraction * self.adapter.tokens_per_frame)
-        protected = torch.zeros(self.adapter.tokens_per_frame, dtype=torch.bool)
-        protected[self.importance.top(k)] = True
-        return protected
+        protected = torch.zeros(self.adapter.tokens_per_frame, dtype=torch.bool, device=self.device)
+        return protected.index_fill_(0, self.importance.top(k), True)
 
     # ------------------------------------------------------------------ bounded memory
     def _make_room(self, incoming: int) -> None:
@@ -282,23 +317,21 @@ class StreamEngine:
             return
         reserve = 32  # newline + a short question
         while self.kv_tokens + incoming + reserve > budget:
-            visual = self.entry_segment >= 0
-            if not visual.any():
+            if not self._segment_entries:
                 return  # nothing left to free: the incoming segment is larger than the budget allows
-            oldest = int(self.entry_segment[visual].min())
-            in_oldest = self.entry_segment == oldest
-            if in_oldest.sum() >= 4 and oldest not in self._merged_segments:
+            oldest = next(iter(self._segment_entries))  # segment ids only grow: the first is the oldest
+            if self._segment_entries[oldest] >= 4 and oldest not in self._merged_segments:
                 self._merge_segment_kv(oldest)
             else:
-                self._evict(in_oldest, oldest)
+                self._evict(oldest)
 
     def _merge_segment_kv(self, segment: int) -> None:
         """Halve a segment's KV entries: bipartite matching on input embeddings, size-weighted averages
         of keys and values in every layer (survivors keep their RoPE positions)."""
         in_seg = (self.entry_segment == segment)[None]
-        n_remove = int(in_seg.sum()) // 2
+        n_remove = self._segment_entries[segment] // 2
         target = bipartite_plan(self.entry_embed[None], in_seg, n_remove)
-        keep = (target[0] < 0).nonzero().squeeze(1)[None]
+        keep = (target[0] < 0).nonzero().squeeze(1)[None]  # the call's one host read
         plan = MergePlan(keep=keep, target=target)
         sizes = self.entry_size[None]
         for layer in self.cache.layers:
@@ -311,14 +344,21 @@ class StreamEngine:
         self.entry_embed, self.entry_size = (x[0] for x in apply_plan(self.entry_embed[None], plan, sizes))
         for name in ("entry_segment", "entry_frame", "entry_pos"):
             setattr(self, name, getattr(self, name)[keep[0]])
+        self._segment_entries[segment] -= target.shape[1] - keep.shape[1]
         self._merged_segments.add(segment)
         self._counts["merged_kv_tokens"] += n_remove
 
-    def _evict(self, mask: torch.Tensor, segment: int) -> None:
-        keep = (~mask).nonzero().squeeze(1)
-        frames = self.entry_frame[mask]
-        self.evicted.append({"segment": segment, "frames": [int(frames.min()), int(frames.max())],
-                             "tokens": int(mask.sum()), "originals": int(self.entry_size[mask].sum())})
+    def _evict(self, segment: int) -> None:
+        """Drop every cache entry of `segment` (keys and values in every layer, bookkeeping) and record it."""
+        count = self._segment_entries.pop(segment)
+        # entries of other segments first, each group in cache order: the split needs no host read
+        order = torch.argsort((self.entry_segment == segment).to(torch.uint8), stable=True)
+        keep, gone = order[: len(order) - count], order[len(order) - count :]
+        frames, sizes = self.entry_frame[gone], self.entry_size[gone]
+        first, last, originals = torch.stack([frames.min().double(), frames.max().double(),
+                                              sizes.sum().double()]).tolist()  # one host read for the record
+        self.evicted.append({"segment": segment, "frames": [int(first), int(last)], "tokens": count,
+                             "originals": int(originals)})
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
         for name in ("entry_segment", "entry_frame", "entry_pos", "entry_size", "entry_embed"):
@@ -330,12 +370,12 @@ class StreamEngine:
     def ask(self, prompt: str, max_new_tokens: int = 64) -> str:
         """Answer from the current context; the context is unchanged afterwards (the question's attention
         on visual tokens is recorded into the importance state)."""
-        prefix, suffix = self._split_prompt(prompt)
-        if not torch.equal(prefix, self.prefix_ids):
+        prefix, suffix = self._prompt_ids(prompt)
+        if prefix != self._prefix:
             raise ConfigError("the chat template's prefix depends on the question; cannot reuse the cache")
         embed = self.adapter.model.get_input_embeddings()
-        newline = self.adapter.model.model.image_newline[None, None].to(self.adapter.model.dtype)
-        question = torch.cat([newline, embed(suffix[None])], 1)
+        newline = self.adapter.model.model.image_newline[None, None].to(self.dtype)
+        question = torch.cat([newline, embed(torch.tensor([suffix], dtype=torch.long, device=self.device))], 1)
         saved_length, saved_position = self.kv_tokens, self.next_position
         layer = self.adapter.language_model.layers[len(self.adapter.language_model.layers) // 2]
         seen = {}
@@ -346,13 +386,15 @@ class StreamEngine:
             handle.remove()
         self._record_importance(layer.self_attn, seen, saved_length)
         answer = []
+        eos = self.adapter.model.generation_config.eos_token_id
+        stop = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         for _ in range(max_new_tokens):
-            token = int(logits[0, -1].argmax())
-            eos = self.adapter.model.generation_config.eos_token_id
-            if eos is not None and token in (eos if isinstance(eos, list) else [eos]):
+            next_token = logits[0, -1].argmax().view(1, 1)  # stays on the device as the next input
+            token = int(next_token)  # the one host read per token: the end-of-sequence check
+            if token in stop:
                 break
             answer.append(token)
-            logits = self._forward(embed(torch.tensor([[token]])))
+            logits = self._forward(embed(next_token))
         self.cache.crop(saved_length)
         self.next_position = saved_position
         self.last_answer = self.adapter.processor.tokenizer.decode(answer, skip_special_tokens=True)
@@ -361,7 +403,7 @@ class StreamEngine:
 
     def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
         m = embeds.shape[1]
-        positions = torch.arange(self.next_position, self.next_position + m)[None]
+        positions = torch.arange(self.next_position, self.next_position + m, device=embeds.device)[None]
         self.next_position += m
         out = self.adapter.model(inputs_embeds=embeds, position_ids=positions, past_key_values=self.cache,
                                  use_cache=True, logits_to_keep=1)
@@ -375,10 +417,11 @@ class StreamEngine:
         # scores over every key the last token saw: cached context + the question itself
         scores = query_attention(attn, hidden[:, -1:], (cos[..., -1:, :], sin[..., -1:, :]), keys_layer.keys)
         scores = scores[0, :context_length]
-        visual = self.entry_segment >= 0
-        per_position = torch.zeros(self.adapter.tokens_per_frame).index_add_(0, self.entry_pos[visual],
-                                                                             scores[visual])
-        self.importance.update(per_position)
+        n = self.adapter.tokens_per_frame
+        # prompt-prefix entries add into a spare slot n (a mask, not a boolean index: no host sync)
+        slot = torch.where(self.entry_segment >= 0, self.entry_pos, n)
+        per_position = torch.zeros(n + 1, dtype=scores.dtype, device=scores.device).index_add_(0, slot, scores)
+        self.importance.update(per_position[:n])
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:

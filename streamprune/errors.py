@@ -17,3 +17,8 @@ class ModelError(StreamPruneError):
 
 class ConfigError(StreamPruneError):
     """A bad flag value: ratio out of range, unknown method, and the like."""
+
+
+class OutOfMemory(StreamPruneError):
+    """The device ran out of memory: the message names what to lower."""
+

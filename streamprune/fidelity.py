@@ -9,6 +9,9 @@ With no trained weights to score benchmarks, we measure how far reduction moves 
 - `hidden_cosine`: cosine of the last prompt token's final hidden state;
 - `vision_feature_cosine`: with encoder-side reduction, the mean cosine of the visual tokens (after the
   projector and pooling) against a full encode of the same frames (1.0 without).
+
+Both models run wherever the adapter's model lives; the metrics are computed there in float32 and read back
+once, as Python floats.
 """
 
 from __future__ import annotations
@@ -75,14 +78,28 @@ def against(adapter: VideoLLMAdapter, ref: Reference, reduced: LLMInputs, inner:
             steps: int) -> dict:
     """The proxies of `reduced` (with `inner` installed) against the reference: KL, agreements, cosine."""
     red_logp, red_hidden = teacher_forced(adapter, reduced, ref.answer, inner)
-    kl = (ref.logp.exp() * (ref.logp - red_logp)).sum(-1)  # [steps]
     with adapter.inner_stage(reduced, inner):
         free = adapter.generate(reduced, steps)
-    n = min(free.shape[1], ref.answer.shape[1])
-    return {"kl_first_token": float(kl[0]), "kl_mean": float(kl.mean()),
-            "teacher_forced_agreement": float((red_logp.argmax(-1) == ref.answer[0]).float().mean()),
-            "greedy_agreement": float((free[0, :n] == ref.answer[0, :n]).float().sum() / steps),
-            "hidden_cosine": float(F.cosine_similarity(ref.hidden, red_hidden, dim=0))}
+    return proxy_metrics(ref.logp, red_logp, ref.answer, free, ref.hidden, red_hidden, steps)
+
+
+def proxy_metrics(ref_logp: torch.Tensor, red_logp: torch.Tensor, ref_answer: torch.Tensor, free: torch.Tensor,
+                  ref_hidden: torch.Tensor, red_hidden: torch.Tensor, steps: int) -> dict[str, float]:
+    """The proxies from both sides' outputs, on their device, read back in one go.
+
+    ref_logp, red_logp: [steps, V] log-probs along the reference answer; ref_answer: [1, steps] its tokens;
+    free: [1, s] the reduced model's own greedy answer; ref_hidden, red_hidden: [C] last prompt token's final
+    hidden state (any dtype: compared in float32)."""
+    kl = (ref_logp.exp() * (ref_logp - red_logp)).float().sum(-1)  # [steps]
+    n = min(free.shape[1], ref_answer.shape[1])
+    values = torch.stack([
+        kl[0], kl.mean(),
+        (red_logp.argmax(-1) == ref_answer[0]).float().mean(),
+        (free[0, :n] == ref_answer[0, :n]).float().sum() / steps,
+        F.cosine_similarity(ref_hidden.float(), red_hidden.float(), dim=0),
+    ]).tolist()  # the one host read
+    return dict(zip(("kl_first_token", "kl_mean", "teacher_forced_agreement", "greedy_agreement", "hidden_cosine"),
+                    values, strict=True))
 
 
 @torch.no_grad()
@@ -124,5 +141,6 @@ def run_fidelity(opts, steps: int = 32, progress=None) -> dict:
             "method": opts.method, "retain": opts.retain, "tau": options.get("tau"),
             "inner": inner_summary(run.inner, run.inner_layer, result.inner_installed),
             "encoder": {**opts.encoder.summary(), **run.encoded.encoder.to_dict()},
+            "runtime": run.loaded.runtime.describe(),
             "metrics": "proxy: agreement with the unreduced model, not task accuracy",
             **result.to_dict()}

@@ -15,6 +15,9 @@ an episode, and a stream has no question-driven importance before the first ques
 Partly observed steps (a pruned token receives no attention): `update(scores, observed)` fills the
 unobserved positions from the previous step (`carry_over`), so a dropped token keeps its last score and
 can win its slot back instead of being frozen out with a zero.
+
+Devices: the state lives where the scores do (the first update's device and fp32); no method reads a value back
+to the host, so a policy may update it inside its forward without a sync.
 """
 
 from __future__ import annotations
@@ -34,15 +37,24 @@ def carry_over(scores: torch.Tensor, observed: torch.Tensor, previous: torch.Ten
     comparable. Without `previous`, unobserved positions are 0.
     """
     scores = torch.where(observed, scores, torch.zeros_like(scores))  # unobserved may hold NaN or junk
-    if previous is None or bool(observed.all()):
+    if previous is None:
         return scores
     previous_mass = (previous * observed).sum(-1, keepdim=True)
     mass = (scores * observed).sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
-    return torch.where(observed, scores * previous_mass / mass, previous)
+    carried = torch.where(observed, scores * previous_mass / mass, previous)
+    # a fully observed step is taken as it is (chosen on the device: no host sync)
+    return torch.where(observed.all(), scores, carried)
 
 
 class ImportanceState:
-    def __init__(self, num_positions: int, mode: str = "window", window: int = 3, decay: float = 0.8) -> None:
+    """Smoothed importance over `num_positions` token positions (see the module docstring).
+
+    device: where `top` puts its (empty) answer before the first update; afterwards everything follows the
+    scores' device.
+    """
+
+    def __init__(self, num_positions: int, mode: str = "window", window: int = 3, decay: float = 0.8,
+                 device: torch.device | str = "cpu") -> None:
         if mode not in ("window", "ema"):
             raise ConfigError(f"unknown importance mode {mode!r}; choose window or ema")
         if window < 1:
@@ -53,6 +65,8 @@ class ImportanceState:
         self.mode = mode
         self.window = window
         self.decay = decay
+        self.device = torch.device(device)
+        self._weights: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -66,6 +80,7 @@ class ImportanceState:
         leading shape at every step (e.g. [B, N]: one history per batch row); observed: bool like scores,
         False where a position was not seen this step (filled by `carry_over` from the previous step)."""
         scores = scores.detach().float()
+        self.device = scores.device
         if scores.shape[-1] != self.num_positions:
             raise ValueError(f"expected {self.num_positions} scores, got {scores.shape[-1]}")
         if self._history and scores.shape != self._history[-1].shape:
@@ -88,8 +103,11 @@ class ImportanceState:
     def weights(self) -> torch.Tensor:
         """Window weights for the recorded steps, oldest first: [γ^(k−1), …, γ, 1] / sum."""
         k = len(self._history)
-        w = torch.tensor([self.decay ** (k - 1 - i) for i in range(k)])
-        return w / w.sum()
+        key = (k, self.device)
+        if key not in self._weights:  # made once per length and device: no host-to-device copy per step
+            w = torch.tensor([self.decay ** (k - 1 - i) for i in range(k)], device=self.device)
+            self._weights[key] = w / w.sum()
+        return self._weights[key]
 
     def value(self) -> torch.Tensor | None:
         """Smoothed importance [..., N] (the shape of the scores), or None before the first update."""
@@ -104,5 +122,5 @@ class ImportanceState:
         """Positions of the k most important tokens (empty before the first update)."""
         value = self.value()
         if value is None or k <= 0:
-            return torch.empty(0, dtype=torch.long)
+            return torch.empty(0, dtype=torch.long, device=self.device)
         return value.topk(min(k, self.num_positions)).indices

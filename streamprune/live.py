@@ -34,6 +34,9 @@ class LiveOptions:
     port: int = 0  # web UI port (0: any free port)
     max_new_tokens: int = 32
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # encoder-side reduction, state kept across frames
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: a visible GPU, else the CPU)
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: bf16 on a GPU, fp32 on the CPU)
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager
 
     def validate(self) -> None:
         if self.ui not in ("terminal", "web", "none"):
@@ -102,8 +105,9 @@ def run_stream(opts: LiveOptions, out: TextIO = sys.stdout, err: TextIO = sys.st
     """Stream until the source ends (or --max-frames); returns the final stats. A source that fails
     after its reconnect attempts raises StreamPruneError after the stats so far were reported."""
     opts.validate()
-    adapter = load_video_llm(opts.model).adapter
-    engine = StreamEngine(adapter, StreamConfig(retain=opts.retain, lookahead=opts.lookahead,
+    loaded = load_video_llm(opts.model, opts.device, opts.dtype, opts.attn_implementation)
+    runtime = loaded.runtime.describe()
+    engine = StreamEngine(loaded.adapter, StreamConfig(retain=opts.retain, lookahead=opts.lookahead,
                                                 max_context_tokens=opts.max_context_tokens,
                                                 encoder=opts.encoder))
     events: list[str] = []
@@ -138,12 +142,12 @@ def run_stream(opts: LiveOptions, out: TextIO = sys.stdout, err: TextIO = sys.st
             answer(engine.stats()["stream_time_s"])
     except StreamPruneError:
         emit({"event": "error", "stats": engine.stats(), "source_events": events})
-        _final_report(engine, opts, out, events, failed=True)
+        _final_report(engine, opts, out, events, runtime, failed=True)
         raise
     finally:
         view.stop()
         source.close()
-    return _final_report(engine, opts, out, events)
+    return _final_report(engine, opts, out, events, runtime)
 
 
 def _source_kwargs(opts: LiveOptions, events: list[str], err: TextIO) -> dict:
@@ -164,8 +168,11 @@ def _counters(engine: StreamEngine) -> dict:
     return {k: stats[k] for k in ("frames_in", "frames_skipped", "frames_encoded", "kv_tokens", "fps")}
 
 
-def _final_report(engine: StreamEngine, opts: LiveOptions, out: TextIO, events: list[str], failed: bool = False) -> dict:
-    stats = {**engine.stats(), "evicted": engine.evicted, "source_events": events}
+def _final_report(engine: StreamEngine, opts: LiveOptions, out: TextIO, events: list[str], runtime: dict,
+                  failed: bool = False) -> dict:
+    """The final stats (with where the model ran, `Runtime.describe()`, under "runtime"), printed as a JSON line
+    or a summary line."""
+    stats = {**engine.stats(), "evicted": engine.evicted, "source_events": events, "runtime": runtime}
     if opts.json_lines:
         print(json.dumps({"event": "final" if not failed else "stats_before_error", **stats}), file=out, flush=True)
     elif opts.ui != "terminal" or failed:  # the terminal view already shows the final counters
@@ -181,4 +188,5 @@ def _summary_line(stats: dict) -> str:
             f"tokens encoded {stats['tokens_encoded']:,} → kept {stats['tokens_kept']:,} · "
             f"KV {stats['kv_tokens']:,} tokens, {stats['kv_bytes'] / 2**20:.2f} MiB · segments {stats['segments']:,}, "
             f"evicted {stats['evicted_segments']:,} · {stats['fps']:.1f} frames/s"
+            + (f" · {stats['runtime']['device']} {stats['runtime']['dtype']}" if stats.get("runtime") else "")
             + (f" · answer: {stats['answer']!r}" if stats["answer"] else ""))

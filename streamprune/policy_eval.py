@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from streamprune.encoder import EncoderConfig
 from streamprune.errors import ConfigError
 from streamprune.reduce.vla import SELECTIONS
+from streamprune.runtime import Runtime, resolve_runtime
 
 POLICIES = ("smolvla", "pi0", "pi05")
 CUTS = ("before", "inside")
@@ -27,6 +28,11 @@ class PolicyEvalOptions:
     task_id: int | None = None  # LIBERO: the task of the suite
     video: str | None = None
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: a visible GPU, else the CPU)
+    dtype: str = "auto"  # auto | bfloat16 | float32 (auto: bf16 on a GPU, fp32 on the CPU); see policies.loading
+    # checked like the video commands' option; lerobot's VLAs always run their own eager attention (the
+    # pruning reads its probabilities), which is what the report's runtime names
+    attn_implementation: str = "sdpa"
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -42,10 +48,19 @@ class PolicyEvalOptions:
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
 
+    def runtime(self) -> Runtime:
+        """Where the policy runs (ConfigError for a device that is not here or a dtype lerobot's VLAs lack)."""
+        from policies.loading import policy_dtype
+
+        runtime = resolve_runtime(self.device, self.dtype, self.attn_implementation)
+        policy_dtype(runtime)
+        return Runtime(runtime.device, runtime.dtype, "eager")
+
 
 def run_policy_eval(opts: PolicyEvalOptions, progress=None) -> dict:
     """Build the pruned policy for the env, run the episodes, return the result as a dict."""
     opts.validate()
+    runtime = opts.runtime()
     from envs.sim import check_task_id, last_kept_overlay, policy_features_for, run_episodes
     from policies.loading import load_pruned_policy
     from policies.pruning_config import encoder_fields
@@ -57,7 +72,7 @@ def run_policy_eval(opts: PolicyEvalOptions, progress=None) -> dict:
                **encoder_fields(opts.encoder)}
     if opts.n_action_steps is not None:
         pruning["n_action_steps"] = opts.n_action_steps
-    policy, pre, post = load_pruned_policy(opts.policy, opts.policy_path, features, **pruning)
+    policy, pre, post = load_pruned_policy(opts.policy, opts.policy_path, features, runtime, **pruning)
     result = run_episodes(opts.env, policy, pre, post, episodes=opts.episodes, seed=opts.seed,
                           max_steps=opts.max_steps, video_path=opts.video, overlay=last_kept_overlay,
                           progress=progress, task_id=opts.task_id)
@@ -65,4 +80,4 @@ def run_policy_eval(opts: PolicyEvalOptions, progress=None) -> dict:
     return {"policy": opts.policy, "policy_path": opts.policy_path, "random_weights": random_weights,
             "env": opts.env, **({"task_id": opts.task_id or 0} if opts.env.startswith("libero") else {}),
             "retain": opts.retain, "cut": opts.cut, "selection": opts.selection, "encoder": opts.encoder.summary(),
-            **result.to_dict()}
+            "runtime": runtime.describe(), **result.to_dict()}

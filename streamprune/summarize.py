@@ -15,9 +15,11 @@ from streamprune.errors import ConfigError
 from streamprune.flops import fastv_prefill_flops, kv_cache_bytes_per_token, prefill_flops
 from streamprune.models import LoadedModel, load_video_llm
 from streamprune.models.base import EncodedVideo, LLMInputs, PromptInputs
+from streamprune.models.generation import check_compilable
 from streamprune.models.inner_stage import InnerConfig, method_inner, validate
 from streamprune.reduce import METHODS, get_method, reduce_tokens
 from streamprune.reduce.holitom import default_tau
+from streamprune.runtime import resolve_runtime
 from streamprune.sources import VideoClip, read_video, resolve_video_arg
 from streamprune.tokens import VisualTokens
 
@@ -42,6 +44,10 @@ class SummarizeOptions:
     inner: InnerConfig = field(default_factory=InnerConfig)
     method_options: dict = field(default_factory=dict)  # the method's own options (configs/methods/*.yaml)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # encoder-side reduction (parse_encoder)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: a visible GPU, else the CPU)
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: bf16 on a GPU, fp32 on the CPU)
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    compile: bool = False  # decode over a static KV cache with a compiled step (CUDA)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -54,6 +60,7 @@ class SummarizeOptions:
             raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.tau is not None and not -1.0 <= self.tau <= 1.0:
             raise ConfigError(f"--tau is a cosine similarity threshold in [-1, 1], got {self.tau}")
+        resolve_runtime(self.device, self.dtype, self.attn_implementation)  # a bad value fails before any work
 
 
 @dataclass
@@ -79,6 +86,7 @@ class SummaryReport:
     viz: str | None = None
     viz_encoder: str | None = None  # with temporal reuse: which patches the vision tower recomputed
     notes: list[str] = field(default_factory=list)
+    runtime: dict = field(default_factory=dict)  # device, dtype, GPU, attention implementation, compiled decode
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +106,7 @@ class PrefillProbe:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # a LogitsProcessor
         if self.first_token_at is None:
+            synchronize(scores)
             self.first_token_at = time.perf_counter()
         self.steps += 1
         if self.on_step:
@@ -110,10 +119,12 @@ class PrefillProbe:
 
         def before(module, args, kwargs):
             if self.prefill_s is None:
+                synchronize(*args, *kwargs.values())
                 started.append(time.perf_counter())
 
         def after(module, args, kwargs, output):
             if self.prefill_s is None:
+                synchronize(output.last_hidden_state)
                 self.prefill_s = time.perf_counter() - started[0]
                 self.kv_cache_bytes = cache_bytes(output.past_key_values)
 
@@ -124,6 +135,16 @@ class PrefillProbe:
         finally:
             for h in handles:
                 h.remove()
+
+
+def synchronize(*values: object) -> None:
+    """Wait for the GPU work queued on the first CUDA tensor among `values`, so that a host clock read next
+    times it (device work is asynchronous); nothing on the CPU."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            if value.is_cuda:
+                torch.cuda.synchronize(value.device)
+            return
 
 
 def cache_bytes(cache) -> int:
@@ -160,14 +181,18 @@ def encode_clip(opts: SummarizeOptions, clip: VideoClip, timing: dict[str, float
                 progress: ProgressFn | None = None) -> EncodedRun:
     """Load the model (unless `loaded` is given: a server or a batch worker reuses one), format the prompt and
     run the vision tower on a decoded clip."""
-    loaded = loaded or load_video_llm(opts.model)
+    loaded = loaded or load_video_llm(opts.model, opts.device, opts.dtype, opts.attn_implementation)
     num_layers = loaded.adapter.config.text_config.num_hidden_layers
     inner = method_inner(get_method(opts.method), opts.retain, opts.inner, num_layers, **opts.method_options)
     inner_layer = validate(inner, num_layers)
     prompt = loaded.adapter.prepare(clip.frames, opts.prompt, clip.timestamps)
     encoder = loaded.adapter.vision_encoder(opts.encoder) if opts.encoder.active else None
+    if opts.compile:
+        check_compilable(loaded.runtime.device, loaded.runtime.attn_implementation, inner.kv is not None)
+    synchronize(prompt.pixel_values_videos)
     t0 = time.perf_counter()
     encoded = loaded.adapter.encode(prompt, progress=_stage(progress, "vision tower"), encoder=encoder)
+    synchronize(encoded.features)
     timing = {**timing, "vision": time.perf_counter() - t0}
     return EncodedRun(clip, loaded, prompt, encoded, inner_layer, timing, inner)
 
@@ -224,6 +249,7 @@ def finish(opts: SummarizeOptions, run: EncodedRun, progress: ProgressFn | None 
     options = reduction_options(opts, adapter)
     tau = options.get("tau")
     tokens = reduce_tokens(opts.method, encoded.features, encoded.attention, encoded.grid_hw, opts.retain, **options)
+    synchronize(tokens.features)
     timing["reduce"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -232,10 +258,15 @@ def finish(opts: SummarizeOptions, run: EncodedRun, progress: ProgressFn | None 
     if progress:
         probe.on_step = lambda n: progress("generate", n, opts.max_new_tokens)
     with adapter.inner_stage(inputs, run.inner) as stage, probe.installed():
-        new_ids = adapter.generate(inputs, opts.max_new_tokens, logits_processor=[probe])
+        new_ids = adapter.generate(inputs, opts.max_new_tokens, logits_processor=[probe], compile=opts.compile,
+                                   stage=stage)
+    synchronize(new_ids)
     timing["prefill"] = probe.prefill_s or 0.0
     timing["ttft"] = timing["vision"] + timing["reduce"] + ((probe.first_token_at or time.perf_counter()) - t0)
     timing["generate"] = time.perf_counter() - t0
+    decode_tokens = new_ids.shape[1] - 1
+    if decode_tokens > 0 and probe.first_token_at is not None:
+        timing["decode_per_token"] = (t0 + timing["generate"] - probe.first_token_at) / decode_tokens
 
     seq_len = inputs.inputs_embeds.shape[1]
     num_layers = adapter.config.text_config.num_hidden_layers
@@ -308,4 +339,5 @@ def _report(opts: SummarizeOptions, loaded, clip, tokens: VisualTokens, inputs: 
         summary=summary,
         generated_tokens=generated,
         notes=notes,
+        runtime={**loaded.runtime.describe(), "compile": opts.compile},
     )

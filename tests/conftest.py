@@ -6,14 +6,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 
 from streamprune.models import load_video_llm
 from streamprune.sources import sample_video_path
+from streamprune.sources.lazy import LazyModule
 from tests.video_server import VideoServer
+
+av = LazyModule("av")  # imported when a test encodes a video: the GPU suite runs where PyAV is absent
 
 # Synthetic frames carry their own index: the top half's gray level is index // 32, the bottom
 # half's index % 32, in steps of 6 levels, which survives lossy coding with a wide margin.
@@ -190,3 +192,18 @@ def decoder_model(request):
         return tiny_llama()
     model = load_video_llm("tiny").adapter.model
     return model, model.model.language_model
+
+
+# The GPU suite (tests/gpu, `make test-gpu`) is collected only where CUDA is visible: CI and `make test` run on
+# the CPU, and a core test is never skipped.
+collect_ignore = [] if torch.cuda.is_available() else ["gpu"]
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny policies on a shared 2-core box: more torch threads only add contention (10-30x slower). Modules
+    opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

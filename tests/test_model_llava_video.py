@@ -49,17 +49,17 @@ def encoded(adapter, prompt_inputs):
     return adapter.encode(prompt_inputs, frames_per_batch=3)  # batching must not matter
 
 
-@pytest.fixture(scope="module")
-def reference(adapter, clip):
+def llava_video_reference(adapter, frames, prompt: str, new_tokens: int):
     """Unmodified LLaVA-Video from the model's own modules: SigLIP hidden state at vision_feature_layer →
     projector → avg_pool2d(2) on the 27×27 grid → image_newline after every row → the prompt's placeholders
     (resized to that count) → generate. Returns input_ids [1, L], inputs_embeds [1, L, D] and the new token
-    ids [1, NEW_TOKENS]."""
+    ids [1, new_tokens], on the model's device."""
     model, processor, config = adapter.model, adapter.processor, adapter.model.config
-    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": PROMPT}]}]
+    device = model.device
+    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
     out = processor(text=processor.apply_chat_template(conversation, add_generation_prompt=True),
-                    videos=[clip.frames], return_tensors="pt")
-    pixels = out["pixel_values_videos"][0]  # [T, 3, 384, 384]
+                    videos=[frames], return_tensors="pt")
+    pixels = out["pixel_values_videos"][0].to(device, model.dtype)  # [T, 3, 384, 384]
     side = config.vision_config.image_size // config.vision_config.patch_size
     with torch.no_grad():
         hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[config.vision_feature_layer]
@@ -69,14 +69,20 @@ def reference(adapter, clip):
         pooled = F.avg_pool2d(grid, kernel_size=2, stride=2).permute(0, 2, 3, 1)  # [T, 13, 13, D]
         newline = model.model.image_newline.view(1, 1, 1, d).expand(t, pooled.shape[1], 1, d)
         video = torch.cat([pooled, newline], 2).reshape(-1, d)  # [T·13·14, D], row by row
-        ids = out["input_ids"][0]
+        ids = out["input_ids"][0].to(device)
         at = (ids == config.video_token_index).nonzero().squeeze(1)
-        ids = torch.cat([ids[: at[0]], torch.full((len(video),), config.video_token_index), ids[at[-1] + 1 :]])[None]
+        ids = torch.cat([ids[: at[0]], torch.full((len(video),), config.video_token_index, device=device),
+                         ids[at[-1] + 1 :]])[None]
         embeds = model.get_input_embeddings()(ids)
-        embeds[ids == config.video_token_index] = video
-        new = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+        embeds[ids == config.video_token_index] = video.to(embeds.dtype)
+        new = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              do_sample=False)
     return ids, embeds, new
+
+
+@pytest.fixture(scope="module")
+def reference(adapter, clip):
+    return llava_video_reference(adapter, clip.frames, PROMPT, NEW_TOKENS)
 
 
 def kept_rows(tokens) -> set[tuple[int, int]]:

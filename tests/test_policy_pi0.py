@@ -47,13 +47,7 @@ def observation(step: int, cameras: dict[str, PolicyFeature] = PUSHT_INPUTS) -> 
     return obs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny model's ops are far too small to share: extra threads only spin (100× slower on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

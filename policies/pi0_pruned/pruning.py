@@ -23,6 +23,9 @@ Cuts:
   K−1) and re-index hidden states, the 4D mask, position ids and RoPE tables (original positions kept);
   the prefix KV cache is then L long in layers < K and L' long in layers ≥ K, and pre-hooks on expert
   layers ≥ K select the matching columns of the expert's 4D mask.
+
+Devices: scores, kept positions and the importance history stay on the policy's device; the selection runs
+there for the whole batch, and no hook (per layer, per denoising step) reads a value back to the host.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class VisualTokenPruner:
         """New episode: forget the action history and the last semantic scores (pruning waits W chunks)."""
         self.action_state: dict[str, ImportanceState] = {}
         self.semantic: dict[str, Tensor] = {}
-        self.generator = torch.Generator().manual_seed(0)
+        self.generator: torch.Generator | None = None  # the random baseline's, seeded 0 on the features' device
         self.last_kept: dict[str, Tensor] = {}
         self.tokens_kept = 0
         self.tokens_total = 0
@@ -119,7 +122,7 @@ class VisualTokenPruner:
             state = self.action_state.get(cam)
             if state is None or state.latest().shape != action[:, cols].shape:  # new episode or batch size
                 state = self.action_state[cam] = ImportanceState(n, window=self.options.window,
-                                                                 decay=self.options.decay)
+                                                                 decay=self.options.decay, device=action.device)
             state.update(action[:, cols], observed=action_seen[:, cols])
 
     # ----- selection ---------------------------------------------------------------------------------
@@ -140,23 +143,24 @@ class VisualTokenPruner:
             cols = slice(c * n, (c + 1) * n)
             sem = self.semantic[cam] if semantic is None else semantic[:, cols]
             action = self.action_state[cam].value().view_as(sem)
-            kept.append(torch.stack([self._select_one(features[b, cols], sem[b], action[b], k)
-                                     for b in range(features.shape[0])]))
+            kept.append(self._select_camera(features[:, cols], sem, action, k))
         self._record_kept(kept, k)
         batch = features.shape[0]
         text = torch.arange(num_cams * n, features.shape[1], device=features.device).expand(batch, -1)
         offsets = torch.arange(num_cams, device=features.device).repeat_interleave(k) * n
-        return torch.cat([torch.cat(kept, 1).to(features.device) + offsets, text], 1)
+        return torch.cat([torch.cat(kept, 1) + offsets, text], 1)
 
-    def _select_one(self, features: Tensor, semantic: Tensor, action: Tensor, k: int) -> Tensor:
-        """Sorted kept grid positions [k] of one image: features [n, D], scores [n]."""
-        return select_tokens(self.options.selection, features.detach().cpu(), semantic.cpu(), action.cpu(), k,
-                             self.generator)
+    def _select_camera(self, features: Tensor, semantic: Tensor, action: Tensor, k: int) -> Tensor:
+        """Sorted kept grid positions [B, k] of one camera's images: features [B, n, D], scores [B, n]."""
+        if self.generator is None:
+            self.generator = torch.Generator(device=features.device).manual_seed(0)
+        return select_tokens(self.options.selection, features.detach(), semantic, action, k, self.generator)
 
     def _record_kept(self, kept: list[Tensor] | None, k: int) -> None:
         n = self.tokens_per_image
+        everything = torch.arange(n, device=self._prefix_embs.device).expand(self.batch, n)
         for c, cam in enumerate(self.cameras):
-            self.last_kept[cam] = torch.arange(n).expand(self.batch, n) if kept is None else kept[c]
+            self.last_kept[cam] = everything if kept is None else kept[c]
         self.tokens_kept = k * len(self.cameras)
         self.tokens_total = n * len(self.cameras)
 

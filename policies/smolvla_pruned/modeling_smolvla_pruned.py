@@ -20,13 +20,16 @@ their last observed score, and the seen ones are rescaled to their previous tota
 (`streamprune.importance.carry_over`) so that both stay comparable.
 
 Selection (k = budget(64, retain) per camera): `select_tokens` on the connector features — `dual_level_select`,
-or the semantic-only, action-only or seeded random baselines. The first `importance_window` chunks of an episode
-run unpruned.
+or the semantic-only, action-only or seeded random baselines — for the whole batch at once. The first
+`importance_window` chunks of an episode run unpruned.
 - cut "before": the current chunk's semantic scores exist only after its prefix pass, so the *previous*
   chunk's semantic scores are used; kept tokens are renumbered contiguously (lerobot's cumsum positions).
 - cut "inside": the current chunk's layer-K−1 semantic scores are used; from layer K on, the prefix keeps
   its original RoPE positions (VLA-Pruner); the cache holds all tokens for layers < K and the kept ones for
   layers ≥ K, with per-layer denoising masks and per-layer cache crops.
+
+Devices: scores, kept sets and the importance history stay on the policy's device, and the hooks that run per
+layer and per denoising step never read a value back to the host (shapes and Python ints only).
 """
 
 from __future__ import annotations
@@ -70,10 +73,15 @@ def gather_seq(x: Tensor, index: Tensor, dim: int = 1) -> Tensor:
 
 
 def to_grid(values: Tensor, kept: Tensor) -> Tensor:
-    """Scores of kept tokens values [B, m] at grid positions kept [B, m] → [B, 64] on the CPU (where all
-    score bookkeeping lives), NaN where not seen."""
-    grid = torch.full((values.shape[0], GRID), float("nan"))
-    return grid.scatter(1, kept.cpu(), values.detach().float().cpu())
+    """Scores of kept tokens values [B, m] at grid positions kept [B, m] → [B, 64] fp32 on their device, NaN
+    where not seen."""
+    grid = torch.full((values.shape[0], GRID), float("nan"), device=values.device)
+    return grid.scatter(1, kept, values.detach().float())
+
+
+def all_positions(batch: int, device: torch.device) -> Tensor:
+    """Every grid position of each batch row: [B, 64] (an unpruned camera's kept set)."""
+    return torch.arange(GRID, device=device).expand(batch, GRID)
 
 
 class ChunkPruner:
@@ -121,11 +129,11 @@ class ChunkPruner:
         for cut "inside"."""
         return self.pruned_before() or (self.active and self.cut == "inside" and self.layer >= self.layer_k)
 
-    def kept(self, camera: str, batch: int) -> Tensor:
+    def kept(self, camera: str, batch: int, device: torch.device) -> Tensor:
         """Grid indices present in the current layer's keys for `camera` [B, m]."""
         if self.sees_pruned():
             return self.keep[camera]
-        return torch.arange(GRID).expand(batch, GRID)
+        return all_positions(batch, device)
 
     def image_starts(self, sizes: list[int]) -> tuple[list[int], int]:
         """Start of each camera's visual tokens and of the language tokens, for per-camera sizes."""
@@ -146,7 +154,7 @@ class ChunkPruner:
     def on_image(self, emb: Tensor) -> Tensor:
         """Connector output of the next camera [B, 64, D] → what enters the prefix [B, m, D]."""
         camera = self.cameras[len(self.features)]
-        self.features.append(emb.detach().cpu())
+        self.features.append(emb.detach())
         if not self.pruned_before():
             return emb
         if camera not in self.keep:
@@ -170,7 +178,7 @@ class ChunkPruner:
         total = attention_mask.shape[-1]
         prefix_len = total - (inputs_embeds[1].shape[1] if expert else 0)
         if self.keep_full is None:
-            self.keep_full = self.full_keep(prefix_len, attention_mask.shape[0]).to(attention_mask.device)
+            self.keep_full = self.full_keep(prefix_len, attention_mask.shape[0], attention_mask.device)
         suffix = torch.arange(prefix_len, total, device=attention_mask.device).expand(self.keep_full.shape[0], -1)
         index = torch.cat([self.keep_full, suffix], 1)
         attention_mask = gather_seq(attention_mask, index, dim=2)
@@ -181,20 +189,23 @@ class ChunkPruner:
             position_ids = gather_seq(position_ids, index)
         return position_ids, attention_mask
 
-    def full_keep(self, prefix_len: int, batch: int) -> Tensor:
+    def full_keep(self, prefix_len: int, batch: int, device: torch.device) -> Tensor:
         """Cut "inside": select per camera (current semantic scores), then the kept prefix positions [B, P']."""
         if self.stage == "denoise":
             raise RuntimeError("cut 'inside' needs the prefix pass to run through layer K before denoising")
         starts, _ = self.image_starts([GRID] * len(self.cameras))
-        keep = torch.ones(batch, prefix_len, dtype=torch.bool)
+        keep = torch.ones(batch, prefix_len, dtype=torch.bool, device=device)
+        kept_count = prefix_len
         for camera, features, start in zip(self.cameras, self.features, starts, strict=True):
             if camera not in self.keep:
                 if camera not in self.semantic:
                     raise RuntimeError("a joint (no-cache) pass with cut 'inside' needs a fixed `keep`")
                 self.keep[camera] = self.select(camera, features, self.semantic[camera])
             keep[:, start:start + GRID] = False
-            keep.scatter_(1, self.keep[camera].cpu() + start, True)
-        return keep.nonzero()[:, 1].view(batch, -1)  # row-major: each row's kept positions, sorted
+            keep.scatter_(1, self.keep[camera].to(device) + start, True)
+            kept_count -= GRID - self.keep[camera].shape[1]
+        # each row's kept positions, ascending; every row keeps `kept_count`, so no host sync is needed
+        return torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :kept_count]
 
     def on_attention(self, mask: Tensor, q: Tensor, k: Tensor) -> None:
         """Every eager-attention call: record semantic (prefix, layer K−1) or action (denoising) scores."""
@@ -211,14 +222,14 @@ class ChunkPruner:
         weights = self.lang_masks.float()[:, :, None]
         per_key = (probs * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, K]
         for camera, start, m in zip(self.cameras, starts, self.recorded_sizes(), strict=True):
-            self.semantic[camera] = to_grid(per_key[:, start:start + m], self.kept(camera, q.shape[0]))
+            self.semantic[camera] = to_grid(per_key[:, start:start + m], self.kept(camera, q.shape[0], q.device))
 
     def record_action(self, mask: Tensor, q: Tensor, k: Tensor) -> None:
         """Action → vision attention, mean over heads and action queries, summed over calls, per camera."""
         starts, _ = self.image_starts(self.recorded_sizes())
         per_key = attention_probs(mask, q, k).mean((1, 2))  # [B, K]
         for camera, start, m in zip(self.cameras, starts, self.recorded_sizes(), strict=True):
-            grid = to_grid(per_key[:, start:start + m], self.kept(camera, q.shape[0]))
+            grid = to_grid(per_key[:, start:start + m], self.kept(camera, q.shape[0], q.device))
             seen = ~grid.isnan()
             self.action_sum[camera] = self.action_sum.get(camera, 0) + grid.nan_to_num(0.0)
             self.action_seen[camera] = self.action_seen.get(camera, 0) + seen
@@ -245,11 +256,20 @@ class PrunableVLMWithExpert(SmolVLMWithExpertModel):
     streams: StreamSet | None = None  # encoder-side reduction, one reuse state per camera and batch element
 
     def embed_image(self, image: Tensor) -> Tensor:
+        """lerobot's `embed_image` (SigLIP, then the connector), with encoder-side reduction when configured.
+        image: [B, 3, H, W] → [B, 64, D], or [B, m, D] once the "before" cut prunes."""
+        vlm = self.get_vlm_model()
+        pixels = image.to(dtype=vlm.vision_model.dtype)
         if self.streams is not None and self.streams.config.active:
-            vlm = self.get_vlm_model()
-            emb = vlm.connector(self.streams.encode(image.to(dtype=vlm.vision_model.dtype)))
+            hidden = self.streams.encode(pixels)
         else:
-            emb = super().embed_image(image)
+            # the all-True patch mask made on the image's device: left to transformers, it is made on the CPU
+            # and copied over, a host round trip per chunk on a GPU
+            patches = vlm.vision_model.patch_size
+            mask = torch.ones(image.shape[0], image.shape[2] // patches, image.shape[3] // patches,
+                              dtype=torch.bool, device=image.device)
+            hidden = vlm.vision_model(pixel_values=pixels, patch_attention_mask=mask).last_hidden_state
+        emb = vlm.connector(hidden)
         return emb if self.pruner is None else self.pruner.on_image(emb)
 
     def forward_attn_layer(self, model_layers, inputs_embeds, layer_idx, position_ids, attention_mask,
@@ -348,7 +368,7 @@ class SmolVLAPrunedPolicy(SmolVLAPolicy):
             streams.reset()
         self.action_importance: dict[str, ImportanceState] = {}
         self.seen_semantic: dict[str, Tensor] = {}
-        self.generator = torch.Generator().manual_seed(0)
+        self.generator: torch.Generator | None = None  # the random baseline's, seeded 0 on the features' device
         self.last_kept: dict[str, Tensor] = {}
         self.tokens_kept = 0
         self.tokens_total = 0
@@ -375,10 +395,12 @@ class SmolVLAPrunedPolicy(SmolVLAPolicy):
         return all(c in self.action_importance and self.action_importance[c].ready for c in cameras)
 
     def select(self, camera: str, features: Tensor, semantic: Tensor) -> Tensor:
-        """Kept grid indices [B, k] from features [B, 64, D] and semantic scores [B, 64]."""
+        """Kept grid indices [B, k] from features [B, 64, D] and semantic scores [B, 64] (on their device)."""
         action = self.action_importance[camera].value()  # [64], the batch's shared history
-        return torch.stack([select_tokens(self.config.selection, f, s, action, self.budget, self.generator)
-                            for f, s in zip(features, semantic, strict=True)])
+        if self.generator is None:
+            self.generator = torch.Generator(device=features.device).manual_seed(0)
+        action = None if action is None else action.expand_as(semantic)
+        return select_tokens(self.config.selection, features, semantic, action, self.budget, self.generator)
 
     @contextmanager
     def pruning(self, cameras: list[str], keep: dict[str, Tensor] | None = None) -> Iterator[ChunkPruner]:
@@ -410,8 +432,8 @@ class SmolVLAPrunedPolicy(SmolVLAPolicy):
             action = pruner.action_scores(camera).nanmean(0)
             state = self.action_importance.setdefault(
                 camera, ImportanceState(GRID, window=self.config.importance_window,
-                                        decay=self.config.importance_decay))
+                                        decay=self.config.importance_decay, device=action.device))
             state.update(action, observed=~action.isnan())
-            self.last_kept[camera] = pruner.keep.get(camera, torch.arange(GRID).expand(batch, GRID))
+            self.last_kept[camera] = pruner.keep.get(camera, all_positions(batch, pruner.features[i].device))
             self.tokens_kept += self.last_kept[camera].shape[1]
             self.tokens_total += GRID

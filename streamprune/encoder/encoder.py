@@ -175,7 +175,7 @@ class VisionEncoder:
         state = TokenState.start(embeddings, positions)
         return run_layers(self.tower, state, self._schedule(embeddings.shape[1]), self.method, context,
                           proportional=self.proportional, record_kv=record_kv,
-                          record_attention=self.want_attention)
+                          record_attention=self.want_attention, unit_sizes=True)
 
     def _encode_whole(self, pixels: torch.Tensor) -> EncoderOutput:
         """Every patch through the tower (merging if configured); no state."""
@@ -185,20 +185,24 @@ class VisionEncoder:
         if self.want_attention:
             attention = received_attention(record.attention, record.sizes, record.owner_last)
         self._count(record, pixels.shape[0], keyframe=True)
-        b, n = pixels.shape[0], self.tower.num_patches
-        return EncoderOutput(self._features(hidden), attention, torch.ones(b, n, dtype=torch.bool),
-                             torch.ones(b, dtype=torch.bool))
+        everything = torch.ones(pixels.shape[0], self.tower.num_patches, dtype=torch.bool, device=hidden.device)
+        return EncoderOutput(self._features(hidden), attention, everything, everything[:, 0].clone())
 
     def _encode_frame(self, pixels: torch.Tensor) -> EncoderOutput:
-        """One frame [3, S, S] against the reference: reuse what did not change, or encode it whole."""
+        """One frame [3, S, S] against the reference: reuse what did not change, or encode it whole.
+
+        One host sync per frame: the count of reusable patches, which decides between a keyframe, nothing
+        to compute, and which patches go through the tower (the shapes of what follows)."""
         options = self.config.reuse
+        device = pixels.device
         patches = patch_pixels(pixels[None], self.tower.patch)[0]  # [N, K]
         n = self.tower.num_patches
-        reuse = None
+        reuse, num_reused = None, 0
         if self._ref is not None:
             change = patch_change(self._ref.pixels, patches)
             reuse = reuse_mask(change, self.tower.grid, options.threshold, options.halo, options.ratio)
-            if reuse.float().mean() < options.min_reuse:
+            num_reused = int(reuse.sum())  # the frame's one sync
+            if num_reused / n < options.min_reuse:
                 reuse = None
         context_mode = options.mode == "context"
         embeddings = self.tower.embed(pixels[None])  # cheap: one convolution
@@ -210,22 +214,26 @@ class VisionEncoder:
                 ref.kv = [(_per_patch(k, owner), _per_patch(v, owner))
                           for (k, v), owner in zip(record.kv, record.owner, strict=True)]
             if self.want_attention:
-                everything = torch.arange(n)
+                everything = torch.arange(n, device=device)
                 ref.rows = patch_rows(record.attention, record.sizes, record.owner_last, everything[:0], everything,
                                       n)[0]
             self._ref = ref
             self._count(record, 1, keyframe=True)
             attention = ref.rows.mean(0) if self.want_attention else None
             return EncoderOutput(self._features(hidden)[None], None if attention is None else attention[None],
-                                 torch.ones(1, n, dtype=torch.bool), torch.tensor([True]))
+                                 torch.ones(1, n, dtype=torch.bool, device=device),
+                                 torch.ones(1, dtype=torch.bool, device=device))
 
         ref = self._ref
-        computed, reused = (~reuse).nonzero().squeeze(1), reuse.nonzero().squeeze(1)
-        if len(computed) == 0:  # nothing moved: the previous output as it is
+        not_keyframe = torch.zeros(1, dtype=torch.bool, device=device)
+        if num_reused == n:  # nothing moved: the previous output as it is
             self._count(LayerRecord(counts=[(0, 0, 0)] * len(self.tower.layers)), 1, keyframe=False)
             attention = ref.rows.mean(0)[None] if self.want_attention else None
-            return EncoderOutput(self._features(ref.hidden)[None], attention, torch.zeros(1, n, dtype=torch.bool),
-                                 torch.tensor([False]))
+            return EncoderOutput(self._features(ref.hidden)[None], attention,
+                                 torch.zeros(1, n, dtype=torch.bool, device=device), not_keyframe)
+        # patch indices, the computed ones then the reused ones, each ascending (a stable sort of the mask)
+        order = torch.sort(reuse.to(torch.uint8), stable=True).indices
+        computed, reused = order[:n - num_reused], order[n - num_reused:]
         context = None
         if context_mode:
             context = Context([k[:, reused][None] for k, _ in ref.kv], [v[:, reused][None] for _, v in ref.kv])
@@ -243,7 +251,7 @@ class VisionEncoder:
                                             computed, n)[0]
             attention = ref.rows.mean(0)[None]
         self._count(record, 1, keyframe=False)
-        return EncoderOutput(self._features(ref.hidden)[None], attention, ~reuse[None], torch.tensor([False]))
+        return EncoderOutput(self._features(ref.hidden)[None], attention, ~reuse[None], not_keyframe)
 
 
 def _per_patch(kv: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
@@ -262,12 +270,14 @@ class StreamSet:
     policy — so reuse compares a camera's image with the same camera's previous one.
 
     `begin()` at the start of a control step; then `encode(images)` once per camera in a fixed order (the
-    order is the camera's identity, as in a policy's prefix). `reset()` at an episode's start.
+    order is the camera's identity, as in a policy's prefix). `reset()` at an episode's start. Without reuse
+    nothing is kept between calls, so a camera's whole batch goes through one encoder at once.
     """
 
     def __init__(self, tower: Tower, config: EncoderConfig) -> None:
         self.tower = tower
         self.config = config
+        self._stateful = config.reuse is not None and config.reuse.ratio > 0
         self._encoders: dict[tuple[int, int], VisionEncoder] = {}
         self._calls = 0
         self.stats = EncoderStats()
@@ -283,15 +293,24 @@ class StreamSet:
         stats, self.stats = self.stats, EncoderStats()
         return stats
 
+    def _encoder(self, key: tuple[int, int]) -> VisionEncoder:
+        encoder = self._encoders.get(key)
+        if encoder is None:
+            encoder = self._encoders[key] = VisionEncoder(self.tower, self.config)
+        return encoder
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, S, S] of the next camera → its tower output [B, N, C] (final norm applied)."""
         camera, self._calls = self._calls, self._calls + 1
+        if not self._stateful:
+            encoder = self._encoder((0, 0))  # stateless: one for every camera
+            features = encoder.encode(images).features
+            _add(self.stats, encoder.take_stats())
+            return features
         features = []
         for b in range(images.shape[0]):
-            encoder = self._encoders.get((camera, b))
-            if encoder is None:
-                encoder = self._encoders[(camera, b)] = VisionEncoder(self.tower, self.config)
+            encoder = self._encoder((camera, b))
             features.append(encoder.encode(images[b:b + 1]).features)
             _add(self.stats, encoder.take_stats())
         return torch.cat(features)

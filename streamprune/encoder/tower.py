@@ -55,12 +55,15 @@ class Tower:
 
 
 def siglip_tower(vision_model: nn.Module, feature_layer: int = -1, final_norm: bool = False) -> Tower:
-    """A `Tower` over transformers' SiglipVisionTransformer / SmolVLMVisionTransformer.
+    """A `Tower` over transformers' SiglipVisionTransformer / SmolVLMVisionTransformer, or the
+    SiglipVisionModel around it (up to transformers 5.16 it holds them in `.vision_model`; from 5.17 the
+    embeddings, encoder and post_layernorm sit on the SiglipVisionModel itself).
 
     feature_layer indexes hidden_states as transformers does (0 = embeddings, −1 = last layer's output).
     final_norm: whether the model applies post_layernorm to the features it uses (PaliGemma, SmolVLM: yes;
     LLaVA-OneVision reads hidden_states[−1]: no).
     """
+    vision_model = getattr(vision_model, "vision_model", vision_model)
     layers = vision_model.encoder.layers
     used = len(layers) + 1 + feature_layer if feature_layer < 0 else feature_layer
     if not 1 <= used <= len(layers):
@@ -109,16 +112,19 @@ def _heads(x: torch.Tensor, proj: nn.Linear, heads: int) -> torch.Tensor:
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
                     per_head: bool = False, head_chunk: int = 4) -> torch.Tensor:
     """Softmax attention from q [B, h, Lq, d], k [B, h, Lk, d] and an additive bias [B, 1, 1, Lk]:
-    [B, h, Lq, Lk] per head, or the head mean [B, Lq, Lk] computed a few heads at a time (bounded memory)."""
+    [B, h, Lq, Lk] per head, or the head mean [B, Lq, Lk] computed a few heads at a time (bounded memory).
+
+    Logits in q's dtype, softmax in float32 (as transformers' eager attention): the result is float32, for
+    the scores read from it; cast it to the values' dtype to apply it."""
     if per_head:
         logits = q @ k.transpose(-1, -2) * scale
-        return (logits if bias is None else logits + bias).softmax(-1)
+        return (logits if bias is None else logits + bias).softmax(-1, dtype=torch.float32)
     total = None
     for h in range(0, q.shape[1], head_chunk):
         logits = q[:, h:h + head_chunk] @ k[:, h:h + head_chunk].transpose(-1, -2) * scale
         if bias is not None:
             logits = logits + bias
-        part = logits.softmax(-1).sum(1)
+        part = logits.softmax(-1, dtype=torch.float32).sum(1)
         total = part if total is None else total + part
     return total / q.shape[1]
 
@@ -126,15 +132,20 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.
 @torch.no_grad()
 def run_layers(tower: Tower, state: TokenState, schedule: Sequence[int] | None = None,
                method: MergeMethod | None = None, context: Context | None = None, proportional: bool = True,
-               record_kv: bool = False, record_attention: bool = False) -> tuple[TokenState, LayerRecord]:
+               record_kv: bool = False, record_attention: bool = False,
+               unit_sizes: bool | None = None) -> tuple[TokenState, LayerRecord]:
     """Run the tower's layers on `state` (tokens after embedding, or already merged ones).
 
     schedule[l]: tokens `method` removes after layer l's attention (None: no reduction). context: extra
     keys/values of patches that are not computed (size 1 each). Proportional attention adds log(size) to
-    the logits of merged tokens (only when some size differs from 1, so unreduced runs are untouched).
+    the logits of merged tokens (only once some size differs from 1, so unreduced runs are untouched).
+    unit_sizes: whether every size of `state` is 1 (None: read once here; `TokenState.start` gives True).
+    Sizes change only in a merge step, so after that a Python flag says it, without a sync per layer.
+    Hidden states keep the tower's dtype; attention probabilities handed to methods and recorded are float32.
     """
     record = LayerRecord()
     last = len(tower.layers) - 1
+    merged = not unit_sizes if unit_sizes is not None else bool((state.size != 1).any())
     for index, layer in enumerate(tower.layers):
         attn = layer.self_attn
         h = layer.layer_norm1(state.x)
@@ -147,16 +158,16 @@ def run_layers(tower: Tower, state: TokenState, schedule: Sequence[int] | None =
             keys = torch.cat([k, context.keys[index]], 2)
             values = torch.cat([v, context.values[index]], 2)
         bias = None
-        if proportional and bool((state.size != 1).any()):
+        if proportional and merged:
             log_size = state.size.log()
             if context is not None:
                 log_size = torch.cat([log_size, log_size.new_zeros(log_size.shape[0], keys.shape[2] - k.shape[2])], 1)
-            bias = log_size[:, None, None, :].to(q.dtype)
+            bias = log_size[:, None, None, :].to(q.dtype)  # SDPA takes a mask in the query's dtype
         r = schedule[index] if schedule is not None else 0
         merging = r > 0 and method is not None
         if merging and method.needs_attention:  # the method reads the attention matrix: compute it once
             heads = attention_probs(q, keys, attn.scale, bias, per_head=True)
-            out = heads @ values
+            out = heads.to(values.dtype) @ values
         else:
             heads = None
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=attn.scale)
@@ -172,6 +183,7 @@ def run_layers(tower: Tower, state: TokenState, schedule: Sequence[int] | None =
                                attention=None if heads is None else heads[..., :length],
                                position=state.position, grid=tower.grid, layer=index, num_layers=len(tower.layers))
             state = apply_transform(state, step)
+            merged = True  # each removed token's size went to a survivor: some size is now above 1
         state.x = state.x + layer.mlp(layer.layer_norm2(state.x))
         record.counts.append((length, keys.shape[2], state.num_tokens))
     return state, record

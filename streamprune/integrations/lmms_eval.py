@@ -54,14 +54,20 @@ log = logging.getLogger(__name__)
 
 def pipeline_options(pretrained: str = "tiny", method: str | None = None, retain: float | None = None,
                      frames: int | None = None, inner: str | None = None,
-                     max_new_tokens: int | None = None) -> SummarizeOptions:
+                     max_new_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
+                     attn_implementation: str | None = None, compile: bool | str | None = None) -> SummarizeOptions:
     """`SummarizeOptions` for these model args; an arg left None keeps `streamprune summarize`'s default.
 
-    `video` and `prompt` are placeholders, set per request."""
+    `video` and `prompt` are placeholders, set per request. `device` / `dtype` / `attn_implementation` as in
+    `streamprune summarize` (auto: a GPU in bf16 when one is visible); `compile`: compiled static-cache decode,
+    worth it over a whole evaluation (compiled once, reused by every request)."""
     given = {"method": method, "retain": None if retain is None else float(retain),
              "frames": None if frames is None else int(frames),
              "inner": None if inner is None else InnerConfig(mode=str(inner)),
-             "max_new_tokens": None if max_new_tokens is None else int(max_new_tokens)}
+             "max_new_tokens": None if max_new_tokens is None else int(max_new_tokens),
+             "device": None if device is None else str(device), "dtype": None if dtype is None else str(dtype),
+             "attn_implementation": attn_implementation,
+             "compile": None if compile is None else str(compile).lower() in ("1", "true", "yes")}
     opts = SummarizeOptions(video="", model=str(pretrained), **{k: v for k, v in given.items() if v is not None})
     opts.validate()  # a bad arg fails now, before the model and lmms-eval's datasets load
     return opts
@@ -83,9 +89,13 @@ class VideoQA:
     report (answer text, token counts, FLOPs, timing); `answer(...)` returns just the text."""
 
     def __init__(self, pretrained: str = "tiny", method: str | None = None, retain: float | None = None,
-                 frames: int | None = None, inner: str | None = None, max_new_tokens: int | None = None) -> None:
-        self.options = pipeline_options(pretrained, method, retain, frames, inner, max_new_tokens)
-        self.loaded = load_video_llm(self.options.model)
+                 frames: int | None = None, inner: str | None = None, max_new_tokens: int | None = None,
+                 device: str | None = None, dtype: str | None = None, attn_implementation: str | None = None,
+                 compile: bool | str | None = None) -> None:
+        self.options = pipeline_options(pretrained, method, retain, frames, inner, max_new_tokens, device, dtype,
+                                        attn_implementation, compile)
+        opts = self.options
+        self.loaded = load_video_llm(opts.model, opts.device, opts.dtype, opts.attn_implementation)
         if self.loaded.random_weights:
             log.warning("%r has random weights: answers are noise and benchmark scores meaningless "
                         "(token counts and timing are real)", self.options.model)
@@ -149,25 +159,26 @@ if LMMS_EVAL_AVAILABLE:
     @register_model(MODEL_NAME)
     class StreamPruneModel(lmms):
         """lmms-eval model `streamprune`: model args `pretrained` (hub ID, local folder or `tiny`), `method`
-        (a name in `streamprune.reduce.methods.REGISTRY`), `retain`, `frames`, `inner` (inner mode) and
-        `max_new_tokens` (used when a task sets none). Requests run one at a time, greedily."""
+        (a name in `streamprune.reduce.methods.REGISTRY`), `retain`, `frames`, `inner` (inner mode),
+        `max_new_tokens` (used when a task sets none), `dtype`, `attn_implementation` and `compile`; lmms-eval's
+        own `--device` (auto, cpu, cuda, cuda:N) picks the device. Requests run one at a time, greedily."""
 
         is_simple = True  # takes (context, gen_kwargs, doc_to_visual, doc_id, task, split) requests
 
         def __init__(self, pretrained: str = "tiny", method: str | None = None, retain: float | None = None,
                      frames: int | None = None, inner: str | None = None, max_new_tokens: int | None = None,
                      batch_size: int | str = 1, device: str | None = None, max_batch_size: int | None = None,
-                     **unknown: object) -> None:
+                     dtype: str | None = None, attn_implementation: str | None = None,
+                     compile: bool | str | None = None, **unknown: object) -> None:
             super().__init__()
             if unknown:  # a misspelt arg must not silently evaluate the defaults
                 raise ConfigError(f"unknown streamprune model_args: {', '.join(sorted(unknown))}; known: "
-                                  "pretrained, method, retain, frames, inner, max_new_tokens")
-            if device not in (None, "cpu"):
-                raise ConfigError(f"--device {device}: streamprune's pipeline runs on CPU in fp32 only; "
-                                  "leave --device unset")
+                                  "pretrained, method, retain, frames, inner, max_new_tokens, dtype, "
+                                  "attn_implementation, compile")
             if str(batch_size) != "1":
                 log.warning("batch_size %s ignored: streamprune answers one request at a time", batch_size)
-            self.qa = VideoQA(pretrained, method, retain, frames, inner, max_new_tokens)
+            self.qa = VideoQA(pretrained, method, retain, frames, inner, max_new_tokens, device, dtype,
+                              attn_implementation, compile)
             self._warned_sampling = False
 
         def generate_until(self, requests: list) -> list[GenerationResult]:

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import torch
+
 from streamprune.errors import ModelError
 from streamprune.models.base import VideoLLMAdapter
 from streamprune.models.tiny import RANDOM_WEIGHTS_MARKER, TINY_MODELS, tiny_model_dir
+from streamprune.runtime import CPU, Runtime, resolve_runtime
 
 # "module:Class", imported on use (each pulls its transformers model classes)
 ADAPTERS = (
@@ -47,6 +50,7 @@ class LoadedModel:
     adapter: VideoLLMAdapter
     name: str
     random_weights: bool
+    runtime: Runtime = CPU  # where the model's weights live and in which dtype
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -81,9 +85,14 @@ def resolve_model_source(name: str) -> tuple[str, bool]:
     return name, False
 
 
-def load_video_llm(name: str) -> LoadedModel:
-    """Load a supported video LLM and its processor in fp32 (bf16 is several times slower on CPU)."""
-    import torch
+def load_video_llm(name: str, device: str | torch.device | Runtime = "auto", dtype: str | torch.dtype = "auto",
+                   attn_implementation: str = "sdpa") -> LoadedModel:
+    """Load a supported video LLM and its processor onto `device` in `dtype`.
+
+    device: auto | cpu | cuda | cuda:N, or a resolved `Runtime` (then dtype and attn_implementation are its
+    own). auto = a CUDA GPU in bf16 when one is visible, else the CPU in fp32 (bf16 is several times slower
+    on CPUs)."""
+    runtime = device if isinstance(device, Runtime) else resolve_runtime(device, dtype, attn_implementation)
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
@@ -96,9 +105,11 @@ def load_video_llm(name: str) -> LoadedModel:
         raise ModelError(f"cannot load model config from {name!r}: {str(exc).splitlines()[0]}") from exc
     adapter_cls = adapter_for(config)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32, local_files_only=local_only)
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, dtype=runtime.dtype, attn_implementation=runtime.attn_implementation, local_files_only=local_only,
+            **({"device_map": {"": runtime.device}} if runtime.cuda else {}))
         processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
     random_weights = Path(source, RANDOM_WEIGHTS_MARKER).exists()
-    return LoadedModel(adapter_cls(model.eval(), processor), name, random_weights)
+    return LoadedModel(adapter_cls(model.to(runtime.device).eval(), processor), name, random_weights, runtime)

@@ -9,6 +9,7 @@ into the LLM as `inputs_embeds` with one placeholder per kept token (1-D positio
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -25,20 +26,25 @@ from streamprune.models.base import (
     VideoLLMAdapter,
     placeholder_run,
     sizes_row,
+    vision_transformer,
 )
 from streamprune.tokens import VisualTokens
+
+# the video's embedding rows [R, D] and a function giving their sizes [R] (lazy: see `video_layout`)
+VideoLayout = tuple[torch.Tensor, Callable[[], torch.Tensor]]
 
 
 def received_attention(hidden_states: torch.Tensor, attn: torch.nn.Module, head_chunk: int = 4) -> torch.Tensor:
     """Mean attention each token receives in a (non-causal) self-attention layer.
 
-    hidden_states: [B, L, C] the layer's attention input. Returns [B, L]: softmax(q·kᵀ·scale) averaged
-    over heads and queries. Heads are done a few at a time to bound memory ([B, h, L, L] per chunk).
+    hidden_states: [B, L, C] the layer's attention input. Returns [B, L] float32: softmax(q·kᵀ·scale)
+    averaged over heads and queries, computed in float32 whatever the model's dtype. Heads are done a few
+    at a time to bound memory ([B, h, L, L] per chunk).
     """
     b, length, _ = hidden_states.shape
-    q = attn.q_proj(hidden_states).view(b, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(hidden_states).view(b, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-    total = hidden_states.new_zeros(b, length)
+    q = attn.q_proj(hidden_states).view(b, length, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+    k = attn.k_proj(hidden_states).view(b, length, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+    total = q.new_zeros(b, length)
     for h in range(0, attn.num_heads, head_chunk):
         weights = torch.softmax(q[:, h : h + head_chunk] @ k[:, h : h + head_chunk].transpose(-1, -2) * attn.scale, -1)
         total += weights.sum(dim=(1, 2))
@@ -79,7 +85,9 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
     def video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
         """The model's own `get_video_features` on [1, F, 3, S, S] → tokens [F·N, D] (no newline)."""
         features = self.model.model.get_video_features(pixel_values_videos).pooler_output
-        return features.reshape(-1, self.config.text_config.hidden_size)
+        # only the frames' tokens: a release that appends the newline row here gets it cut (`video_layout` adds it)
+        rows = pixel_values_videos.shape[1] * self.tokens_per_frame
+        return features.reshape(-1, self.config.text_config.hidden_size)[:rows]
 
     def pool_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Per-patch scores [T, side²] → per token [T, N], pooled like the features."""
@@ -89,18 +97,19 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         out = self.processor(text=text, videos=[frames], return_tensors="pt")
-        return PromptInputs(out["input_ids"], out["attention_mask"], out["pixel_values_videos"].to(self.model.dtype))
+        prompt_inputs = PromptInputs(out["input_ids"], out["attention_mask"], out["pixel_values_videos"])
+        return prompt_inputs.to(self.device, self.dtype)
 
     def pixel_values(self, frames: np.ndarray) -> torch.Tensor:
-        """Frames [T, H, W, 3] uint8 → the model's pixel_values_videos [1, T, 3, S, S]."""
+        """Frames [T, H, W, 3] uint8 → the model's pixel_values_videos [1, T, 3, S, S] (its device and dtype)."""
         out = self.processor.video_processor(videos=[frames], return_tensors="pt")
-        return out["pixel_values_videos"].to(self.model.dtype)
+        return out["pixel_values_videos"].to(self.device, self.dtype)
 
     @property
     def tower(self) -> Tower:
         """The SigLIP tower up to the (last) layer whose output the model uses (vision_feature_layer)."""
         chosen = self.config.vision_feature_layer
-        return siglip_tower(self.model.model.vision_tower.vision_model,
+        return siglip_tower(vision_transformer(self.model.model.vision_tower),
                             max(chosen) if isinstance(chosen, list) else chosen)
 
     def vision_encoder(self, config: EncoderConfig) -> VisionEncoder:
@@ -119,15 +128,16 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
                       progress: ProgressFn | None = None, encoder: VisionEncoder | None = None) -> EncodedVideo:
         """Run the vision tower in batches of frames (same numbers as one batch; bounded memory).
 
-        pixel_values_videos: [1, T, 3, S, S]. Returns features [T, N, D] and attention [T, N]. With an
+        pixel_values_videos: [1, T, 3, S, S]. Returns features [T, N, D] (model dtype) and attention [T, N]
+        (float32). With an
         active `encoder` (see `vision_encoder`) the tower does less work; the projector and pooling
         then run on its output grid as the model's own `get_video_features` does.
         """
         model = self.model.model
         if encoder is not None and encoder.config.active:
             out = encoder.encode(pixel_values_videos[0], progress=progress)
-            feats = self.pool(model.multi_modal_projector(out.features.to(self.model.dtype)))
-            return EncodedVideo(feats, self.pool_scores(out.attention), self.grid_hw, encoder.take_stats(),
+            feats = self.pool(model.multi_modal_projector(out.features.to(self.dtype)))
+            return EncodedVideo(feats, self.pool_scores(out.attention.float()), self.grid_hw, encoder.take_stats(),
                                 out.recomputed)
         tower = self.tower
         layer = tower.layers[-1]  # its attention gives the importance the reduction reads
@@ -156,14 +166,19 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         """Merged tower tokens straight to the LLM: each merged token is projected once and stands for the
         14×14 cells it owns (no unmerge, no pooling; `encoder.tokens`). pixel_values_videos [1, T, 3, S, S]."""
         state = encoder.encode_merged(pixel_values_videos[0])
-        values = self.model.model.multi_modal_projector(state.x.to(self.model.dtype))
+        values = self.model.model.multi_modal_projector(state.x.to(self.dtype))
         return merged_visual_tokens(state, values, (self.patch_side, self.patch_side), self.grid_hw)
 
-    def video_layout(self, tokens: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """The video's embedding rows and which of them are tokens: [M + 1, D] values (the reduced tokens,
-        then the one newline token) and [M + 1] sizes (1 for the newline)."""
+    def video_layout(self, tokens: VisualTokens) -> VideoLayout:
+        """The video's embedding rows: [M + 1, D] values (the reduced tokens, then the one newline token), and
+        a function giving their [M + 1] sizes (1 for the newline), called only when sizes are read (they
+        may need the reduction's attribution of dropped tokens)."""
         newline = self.model.model.image_newline[None].to(tokens.features.dtype)
-        return torch.cat([tokens.features, newline]), torch.cat([tokens.size.float(), torch.ones(1)])
+
+        def sizes() -> torch.Tensor:
+            return torch.cat([tokens.size.float(), torch.ones(1, device=tokens.device)])
+
+        return torch.cat([tokens.features, newline]), sizes
 
     def reduced_inputs(self, prompt: PromptInputs, tokens: VisualTokens,
                        encoded: EncodedVideo | None = None) -> LLMInputs:
@@ -171,8 +186,8 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         ids = prompt.input_ids[0]
         first, last = placeholder_run(ids, self.video_token_id)
         values, sizes = self.video_layout(tokens)
-        placeholders = torch.full((len(values),), self.video_token_id, dtype=ids.dtype)
+        placeholders = torch.full((len(values),), self.video_token_id, dtype=ids.dtype, device=ids.device)
         new_ids = torch.cat([ids[:first], placeholders, ids[last + 1 :]])[None]
         visual = new_ids == self.video_token_id
         return LLMInputs(self.embed(new_ids, self.video_token_id, values), torch.ones_like(new_ids), visual,
-                         sizes_row(visual, sizes))
+                         lambda: sizes_row(visual, sizes()))

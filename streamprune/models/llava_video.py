@@ -48,7 +48,7 @@ import yaml
 from streamprune.encoder import VisionEncoder
 from streamprune.errors import ConfigError
 from streamprune.models.base import PromptInputs, placeholder_run, raster_order
-from streamprune.models.llava_onevision import LlavaOnevisionAdapter
+from streamprune.models.llava_onevision import LlavaOnevisionAdapter, VideoLayout
 from streamprune.models.tiny import RANDOM_WEIGHTS_MARKER, build_tiny_llava_onevision
 from streamprune.tokens import VisualTokens
 
@@ -76,17 +76,17 @@ def row_newline_slots(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows: [M] long, a (frame, grid row) key per token, non-decreasing (tokens in raster order).
     Returns (token slots [M], newline slots [R]) in a layout of M + R rows, R = number of runs; each
     newline sits right after the last token of its run."""
-    ends = torch.ones(len(rows), dtype=torch.bool)
+    ends = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
     ends[:-1] = rows[1:] != rows[:-1]
     newlines_before = torch.cumsum(ends, 0) - ends.long()  # a run's newline comes after all its tokens
-    slots = torch.arange(len(rows)) + newlines_before
+    slots = torch.arange(len(rows), device=rows.device) + newlines_before
     return slots, slots[ends] + 1
 
 
 def with_placeholder_count(ids: torch.Tensor, token_id: int, count: int) -> torch.Tensor:
     """ids [1, L] with its one run of `token_id` resized to `count` → [1, L − run + count]."""
     first, last = placeholder_run(ids[0], token_id)
-    run = torch.full((count,), token_id, dtype=ids.dtype)
+    run = torch.full((count,), token_id, dtype=ids.dtype, device=ids.device)
     return torch.cat([ids[0, :first], run, ids[0, last + 1 :]])[None]
 
 
@@ -150,10 +150,10 @@ class LlavaVideoAdapter(LlavaOnevisionAdapter):
                           "are read at the centres of LLaVA-OneVision's bilinear 14×14 cells, while LLaVA-Video "
                           "averages 2×2 patch blocks (13×13); use --encoder with unmerging instead")
 
-    def video_layout(self, tokens: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """The video's embedding rows and which of them are tokens: [M + R, D] values (each frame's tokens
-        in raster order, a newline after each of the R (frame, row) pairs that keep a token) and
-        [M + R] sizes (1 for a newline). Unreduced: T·H·(W + 1) rows."""
+    def video_layout(self, tokens: VisualTokens) -> VideoLayout:
+        """The video's embedding rows: [M + R, D] values (each frame's tokens in raster order, a newline after
+        each of the R (frame, row) pairs that keep a token), and a function giving their [M + R] sizes (1 for
+        a newline), called only when sizes are read. Unreduced: T·H·(W + 1) rows."""
         order = raster_order(tokens)
         rows = tokens.frame[order] * tokens.grid_hw[0] + tokens.position[order] // tokens.grid_hw[1]
         slots, newline_slots = row_newline_slots(rows)
@@ -161,8 +161,10 @@ class LlavaVideoAdapter(LlavaOnevisionAdapter):
         newline = self.model.model.image_newline.to(tokens.features.dtype)
         values = newline.expand(total, -1).clone()
         values[slots] = tokens.features[order]
-        sizes = torch.ones(total)
-        sizes[slots] = tokens.size[order].float()
+
+        def sizes() -> torch.Tensor:
+            return torch.ones(total, device=tokens.device).index_copy_(0, slots, tokens.size[order].float())
+
         return values, sizes
 
 

@@ -37,27 +37,41 @@ from streamprune.models.tiny import byte_level_tokenizer, save_random
 from streamprune.tokens import VisualTokens
 
 
-def received_attention_varlen(hidden: torch.Tensor, attn: torch.nn.Module, position_embeddings,
-                              cu_seqlens: torch.Tensor, head_chunk: int = 4) -> torch.Tensor:
-    """Mean attention each patch receives in a Qwen2.5-VL vision attention layer, within its segment.
+def received_attention_grids(hidden: torch.Tensor, attn: torch.nn.Module, position_embeddings, per_grid: int,
+                             max_elements: int = 2**26) -> torch.Tensor:
+    """Mean attention each patch receives in a Qwen vision attention layer that attends within each grid.
 
-    hidden: [S, C] the layer's attention input (all patches, window order); cu_seqlens: [G + 1] segment
-    boundaries (one frame pair each in a full-attention block). Returns [S].
+    hidden: [S, C] the layer's attention input, S = G·per_grid (G frame pairs of `per_grid` patches each, in
+    the blocks' order; a full-attention block attends within each pair). Returns [S] float32: softmax(q·kᵀ·
+    scale) averaged over heads and queries, computed in float32, all grids and heads at once in slices of
+    at most `max_elements` attention weights (bounded memory).
     """
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision  # the model's own
-    s = hidden.shape[0]
-    q, k, _ = attn.qkv(hidden).reshape(s, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    s, heads = hidden.shape[0], attn.num_heads
+    q, k, _ = attn.qkv(hidden).reshape(s, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
     q, k = rope(q, k, *position_embeddings)
-    q, k = q.transpose(0, 1), k.transpose(0, 1)  # [heads, S, hd]
-    out = hidden.new_zeros(s)
-    bounds = cu_seqlens.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        for h in range(0, attn.num_heads, head_chunk):
-            weights = torch.softmax(q[h:h + head_chunk, a:b] @ k[h:h + head_chunk, a:b].transpose(-1, -2)
-                                    * attn.scaling, -1)
-            out[a:b] += weights.sum(dim=(0, 1))
-        out[a:b] /= attn.num_heads * (b - a)
-    return out
+    # [G·heads, per_grid, hd]: one attention matrix per (grid, head)
+    q, k = (x.float().view(-1, per_grid, heads, x.shape[-1]).transpose(1, 2).flatten(0, 1) for x in (q, k))
+    step = max(1, max_elements // per_grid**2)
+    received = torch.cat([torch.softmax(q[i:i + step] @ k[i:i + step].transpose(-1, -2) * attn.scaling, -1).sum(1)
+                          for i in range(0, q.shape[0], step)])  # [G·heads, per_grid]
+    return (received.view(-1, heads, per_grid).sum(1) / (heads * per_grid)).flatten()
+
+
+def window_raster_order(grid_hw: tuple[int, int], window: int, device: torch.device | None = None) -> torch.Tensor:
+    """Where each token of one grid sits in Qwen2.5-VL's window order: [H·W] long, raster → window index.
+
+    The ViT runs tokens window by window (`window`×`window` tokens per window, windows row-major, tokens
+    row-major within a window; the model's window index, which it undoes after the merger). Values in
+    window order v [H·W] come back to raster order as v[window_raster_order(...)] (the argsort of the
+    model's window index), computed here as the rank of each token's (window, row, column) key.
+    """
+    h, w = grid_hw
+    rows = torch.arange(h, device=device)[:, None]
+    cols = torch.arange(w, device=device)[None, :]
+    windows_per_row = -(-w // window)
+    key = (((rows // window) * windows_per_row + cols // window) * window + rows % window) * window + cols % window
+    return torch.argsort(torch.argsort(key.flatten()))
 
 
 class Qwen2_5_VLAdapter(VideoLLMAdapter):
@@ -76,9 +90,13 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         # False: the naive alternative — visual tokens renumbered 1-D like text (for the benchmark's ablation)
         self.keep_3d_positions = True
 
-    def prepare(self, frames: np.ndarray, prompt: str, timestamps: np.ndarray | None = None) -> PromptInputs:
+    def chat_text(self, prompt: str) -> str:
+        """The chat-formatted prompt with one video marker, as the processor expands it."""
         conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+    def prepare(self, frames: np.ndarray, prompt: str, timestamps: np.ndarray | None = None) -> PromptInputs:
+        text = self.chat_text(prompt)
         # our frames are already sampled: tell the processor their rate (it spaces temporal positions, and
         # Qwen3-VL's timestamps, by it) and keep it from sampling again
         from transformers.video_utils import VideoMetadata
@@ -92,27 +110,27 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         extra = {"video_grid_thw": grid, "mm_token_type_ids": out["mm_token_type_ids"]}
         if "second_per_grid_ts" in out:  # Qwen2.5-VL only
             extra["second_per_grid_ts"] = torch.as_tensor(out["second_per_grid_ts"])
-        return PromptInputs(out["input_ids"], out["attention_mask"], out["pixel_values_videos"].to(self.model.dtype),
-                            extra)
+        prompt_inputs = PromptInputs(out["input_ids"], out["attention_mask"], out["pixel_values_videos"], extra)
+        return prompt_inputs.to(self.device, self.dtype)
 
     @torch.no_grad()
     def encode(self, prompt: PromptInputs, frames_per_batch: int = 8, progress: ProgressFn | None = None,
                encoder=None) -> EncodedVideo:
         """The model's own vision tower, a few frame pairs at a time (each pair is attended on its own, so
         batching does not change the numbers). Returns features [G, N, D] (G frame pairs, N = H·W tokens
-        in raster order) and attention [G, N]."""
+        in raster order; model dtype) and attention [G, N] (float32)."""
         if encoder is not None and encoder.config.active:
             self.vision_encoder(encoder.config)  # raises: not supported for this tower
-        visual = self.model.model.visual
-        t, h, w = (int(x) for x in prompt.extra["video_grid_thw"][0])
+        grid_thw = prompt.extra["video_grid_thw"]
+        t, h, w = (int(x) for x in grid_thw[0])
         per_grid = h * w  # patches per frame pair
         grid_hw = (h // self.merge, w // self.merge)
+        order = self.token_order(grid_hw, grid_thw.device)  # the blocks' token order → raster, per grid
         received: list[torch.Tensor] = []
 
         def record(module, args, kwargs):
-            received.append(received_attention_varlen(kwargs["hidden_states"] if "hidden_states" in kwargs
-                                                      else args[0], module, kwargs["position_embeddings"],
-                                                      kwargs["cu_seqlens"]))
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            received.append(received_attention_grids(hidden, module, kwargs["position_embeddings"], per_grid))
 
         handle = self.importance_block().attn.register_forward_pre_hook(record, with_kwargs=True)
         groups = max(1, frames_per_batch // self.frames_per_grid)
@@ -120,13 +138,13 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         try:
             for start in range(0, t, groups):
                 n = min(groups, t - start)
-                grid = torch.tensor([[n, h, w]])
+                grid = grid_thw.new_tensor([[n, h, w]])
                 pixels = prompt.pixel_values_videos[start * per_grid:(start + n) * per_grid]
                 out = self.model.model.get_video_features(pixels, grid)
                 features.append(torch.cat(out.pooler_output))
                 side.append(getattr(out, "deepstack_features", None) or [])
-                per_token = received.pop().view(-1, self.merge ** 2).mean(1)  # 2×2 patches per token
-                scores.append(per_token[self.raster_order(visual, grid)])
+                per_token = received.pop().view(n, -1, self.merge ** 2).mean(2)  # 2×2 patches per token
+                scores.append(per_token if order is None else per_token[:, order])
                 if progress:
                     progress(min((start + n) * self.frames_per_grid, t * self.frames_per_grid),
                              t * self.frames_per_grid)
@@ -142,12 +160,13 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         visual = self.model.model.visual
         return visual.blocks[max(visual.fullatt_block_indexes)]
 
-    @staticmethod
-    def raster_order(visual, grid: torch.Tensor) -> torch.Tensor:
-        """Permutation from the blocks' token order to raster order: the ViT runs windows of tokens
-        together, and the model undoes that after the merger (its `reverse_indices`)."""
-        window_index, _ = visual.get_window_index(grid)
-        return torch.argsort(window_index)
+    def token_order(self, grid_hw: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+        """[H·W] permutation from the vision blocks' token order to raster order within a grid (None: they
+        are in raster order already): the ViT runs windows of tokens together, and the model undoes that
+        after the merger. Computed from the config (transformers moved the model's own window index out of
+        the vision model in 5.17)."""
+        vision = self.config.vision_config
+        return window_raster_order(grid_hw, vision.window_size // self.merge // vision.patch_size, device)
 
     def tower_stats(self, grids: int, patches: int) -> EncoderStats:
         """FLOPs of the full vision tower on `grids` frame pairs of `patches` patches each: windowed blocks
@@ -177,14 +196,16 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         in `tokens`' order; text stays. Returns keep [L'] (index into the unreduced prompt of each
         reduced position) and order [M] (the tokens' order of appearance)."""
         ids = prompt.input_ids[0]
-        video = (ids == self.video_token_id).nonzero().squeeze(1)  # [T·N]
-        text = (ids != self.video_token_id).nonzero().squeeze(1)
+        is_video = ids == self.video_token_id
+        video = is_video.nonzero().squeeze(1)  # [T·N]
+        text = (~is_video).nonzero().squeeze(1)
         n = tokens.tokens_per_frame
         order = torch.argsort(tokens.frame, stable=True)
         source = video[tokens.frame[order] * n + tokens.position[order]]
         # sort key: text by its own index; a token by its grid's first placeholder, then its rank
         m = len(order)
-        keys = torch.cat([text * (m + 1), video[tokens.frame[order] * n] * (m + 1) + 1 + torch.arange(m)])
+        rank = torch.arange(m, device=ids.device)
+        keys = torch.cat([text * (m + 1), video[tokens.frame[order] * n] * (m + 1) + 1 + rank])
         return torch.cat([text, source])[torch.argsort(keys)], order
 
     def reduced_inputs(self, prompt: PromptInputs, tokens: VisualTokens,
@@ -197,12 +218,12 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         visual = new_ids == self.video_token_id
         embeds = self.embed(new_ids, self.video_token_id, tokens.features[order])
         length = new_ids.shape[1]
-        text_row = torch.arange(length)[None, None]
+        text_row = torch.arange(length, device=new_ids.device)[None, None]
         if self.keep_3d_positions:
             rope = self.full_positions(prompt)[:, :, keep]
         else:  # naive: every row numbered like text, as inputs_embeds without position_ids would be
             rope = text_row.expand(3, 1, length)
-        inputs = LLMInputs(embeds, torch.ones_like(new_ids), visual, sizes_row(visual, tokens.size[order]),
+        inputs = LLMInputs(embeds, torch.ones_like(new_ids), visual, lambda: sizes_row(visual, tokens.size[order]),
                            torch.cat([text_row, rope]))
         self.add_side_inputs(inputs, tokens, order, encoded)
         return inputs

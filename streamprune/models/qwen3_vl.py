@@ -2,7 +2,8 @@
 
 What differs from Qwen2.5-VL:
 - 16-px patches, no attention windows; each frame pair is its own grid *and* its own run of
-  placeholders, after a `<t seconds>` timestamp and inside `<|vision_start|>…<|vision_end|>`;
+  placeholders, after a `<t seconds>` timestamp and inside `<|vision_start|>…<|vision_end|>` (the same
+  prompt on every transformers version: see `chat_text`);
   `get_rope_index` gives each grid its own 3-D block. Reduced tokens keep those positions, as on
   Qwen2.5-VL. A grid whose tokens were all merged into earlier grids keeps its timestamp and (empty)
   wrapper: positions are explicit, so the text costs a few tokens and the model's timeline stays whole,
@@ -39,9 +40,18 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     def importance_block(self) -> torch.nn.Module:
         return self.model.model.visual.blocks[-1]  # every block attends over the whole frame pair
 
-    @staticmethod
-    def raster_order(visual, grid: torch.Tensor) -> torch.Tensor:
-        return torch.arange(int(grid.prod()) // visual.spatial_merge_size ** 2)  # no windows: already raster
+    def token_order(self, grid_hw: tuple[int, int], device: torch.device) -> None:
+        return None  # no attention windows: the blocks see tokens in raster order
+
+    def chat_text(self, prompt: str) -> str:
+        """The chat template writes the video as <|vision_start|><|video_pad|><|vision_end|>. The processor
+        replaced that whole wrapper with the per-pair "<t seconds><|vision_start|>…<|vision_end|>" blocks up
+        to transformers 5.16 (Qwen3-VL's own layout); from 5.17 it expands only <|video_pad|> and leaves the
+        wrapper around the blocks, doubling it. Both expand a bare <|video_pad|> the same way, so that is
+        what it gets: the same prompt on every version."""
+        processor = self.processor
+        wrapped = processor.vision_start_token + processor.video_token + processor.vision_end_token
+        return super().chat_text(prompt).replace(wrapped, processor.video_token)
 
     def tower_stats(self, grids: int, patches: int) -> EncoderStats:
         vision = self.config.vision_config
@@ -69,7 +79,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
             embeds = kwargs.get("inputs_embeds")
             if embeds is None or embeds.shape[1] < prompt_len:
                 return None
-            mask = torch.zeros(embeds.shape[:2], dtype=torch.bool)
+            mask = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
             mask[:, :prompt_len] = inputs.visual_mask
             kwargs.update(visual_pos_masks=mask, deepstack_visual_embeds=inputs.deepstack)
             return args, kwargs
@@ -80,9 +90,9 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         finally:
             handle.remove()
 
-    def generate(self, inputs: LLMInputs, max_new_tokens: int, logits_processor=None) -> torch.Tensor:
+    def generate(self, inputs: LLMInputs, max_new_tokens: int, logits_processor=None, **kwargs):
         with self._deepstack(inputs):
-            return super().generate(inputs, max_new_tokens, logits_processor)
+            return super().generate(inputs, max_new_tokens, logits_processor, **kwargs)
 
     def forward(self, inputs: LLMInputs, answer: torch.Tensor | None = None, **kwargs):
         with self._deepstack(inputs):

@@ -47,6 +47,7 @@ from streamprune.models.base import (
     VideoLLMAdapter,
     raster_order,
     sizes_row,
+    vision_transformer,
 )
 from streamprune.models.llava_onevision import received_attention
 from streamprune.models.tiny import CONFIG_DIR, byte_level_tokenizer, save_random
@@ -118,7 +119,7 @@ class SmolVLM2Adapter(VideoLLMAdapter):
     @property
     def tower(self) -> Tower:
         """The SigLIP tower: every layer, then post_layernorm (what `get_image_features` uses)."""
-        return siglip_tower(self.model.model.vision_model, -1, final_norm=True)
+        return siglip_tower(vision_transformer(self.model.model.vision_model), -1, final_norm=True)
 
     def vision_encoder(self, config: EncoderConfig) -> VisionEncoder:
         """Encoder-side reduction over this model's SigLIP tower; it keeps reuse state across `encode`
@@ -135,17 +136,19 @@ class SmolVLM2Adapter(VideoLLMAdapter):
         times = frame_times(len(frames), timestamps)
         out = self.processor(text=text, videos=[[frames]], video_metadata=[video_metadata(times, times[-1])],
                              do_sample_frames=False, return_tensors="pt")
-        return SmolVLMPromptInputs(out["input_ids"], out["attention_mask"], out["pixel_values"].to(self.model.dtype),
-                                   extra={"pixel_attention_mask": out["pixel_attention_mask"]},
-                                   pixel_key="pixel_values", text=text, frame_times=tuple(times),
-                                   duration=times[-1])
+        prompt_inputs = SmolVLMPromptInputs(out["input_ids"], out["attention_mask"], out["pixel_values"],
+                                            extra={"pixel_attention_mask": out["pixel_attention_mask"]},
+                                            pixel_key="pixel_values", text=text, frame_times=tuple(times),
+                                            duration=times[-1])
+        return prompt_inputs.to(self.device, self.dtype)
 
     @torch.no_grad()
     def encode(self, prompt: PromptInputs, frames_per_batch: int = 8, progress: ProgressFn | None = None,
                encoder: VisionEncoder | None = None) -> EncodedVideo:
         """The model's own vision path in batches of frames (same numbers as one batch; bounded memory).
 
-        prompt.pixel_values_videos: [1, T, 3, S, S]. Returns features [T, N, D_text], attention [T, N].
+        prompt.pixel_values_videos: [1, T, 3, S, S]. Returns features [T, N, D_text] (model dtype), attention
+        [T, N] (float32).
         """
         pixels = prompt.pixel_values_videos
         pixel_mask = prompt.extra.get("pixel_attention_mask")
@@ -154,8 +157,8 @@ class SmolVLM2Adapter(VideoLLMAdapter):
             # the tower does less work (reuse, merging); the connector then runs on its [T, 32², C] output
             # as get_image_features does (frames are never padded here: the processor squares them)
             out = encoder.encode(pixels[0], progress=progress)
-            features = model.connector(out.features.to(self.model.dtype))
-            return EncodedVideo(features, pool_patch_scores(out.attention, model.connector), self.grid_hw,
+            features = model.connector(out.features.to(self.dtype))
+            return EncodedVideo(features, pool_patch_scores(out.attention.float(), model.connector), self.grid_hw,
                                 encoder.take_stats(), out.recomputed)
         tower = self.tower
         received: list[torch.Tensor] = []
@@ -189,19 +192,28 @@ class SmolVLM2Adapter(VideoLLMAdapter):
         each frame's <image> run cut to counts[t]. The duration stays the original video's."""
         kept = [t for t, n in enumerate(counts) if n > 0]
         metadata = video_metadata([prompt.frame_times[t] for t in kept], prompt.duration)
-        # the processor reads only the frame count from pixel_values here
-        expanded = self.processor.expand_text_with_video_tokens(
-            [prompt.text], {"pixel_values": torch.empty(1, len(kept)), "video_metadata": [metadata]})[0]
+        expanded = self.expand_video(prompt.text, metadata, len(kept))
         image = self.processor.image_token
         pieces = expanded.split(image * self.tokens_per_frame)
         if len(pieces) != len(kept) + 1:
             raise ValueError("unexpected SmolVLM video layout: <image> runs do not match the frames")
         return pieces[0] + "".join(image * counts[t] + piece for t, piece in zip(kept, pieces[1:], strict=True))
 
+    def expand_video(self, text: str, metadata, frames: int) -> str:
+        """`text` with its <video> marker written out by the processor for `frames` frames described by
+        `metadata` (intro, per-frame timestamps and <image> runs, outro)."""
+        # the processor reads only the frame count from pixel_values here (a host-side stand-in)
+        video = {"pixel_values": torch.empty(1, frames, device="cpu"), "video_metadata": [metadata]}
+        processor = self.processor
+        if hasattr(processor, "replace_video_token"):  # transformers ≥ 5.17
+            return text.replace(processor.video_token, processor.replace_video_token(video, 0), 1)
+        return processor.expand_text_with_video_tokens([text], video)[0]
+
     def video_ids(self, prompt: SmolVLMPromptInputs, counts: list[int]) -> torch.Tensor:
-        """Token ids [1, L'] of `video_text`, tokenized as the processor tokenizes its text."""
+        """Token ids [1, L'] of `video_text`, tokenized as the processor tokenizes its text (model's device)."""
         text = self.video_text(prompt, counts)
-        return self.processor.tokenizer(text, add_special_tokens=True, return_tensors="pt")["input_ids"]
+        ids = self.processor.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return torch.tensor([ids], device=self.device)
 
     def reduced_inputs(self, prompt: PromptInputs, tokens: VisualTokens,
                        encoded: EncodedVideo | None = None) -> LLMInputs:
@@ -215,7 +227,7 @@ class SmolVLM2Adapter(VideoLLMAdapter):
         ids = self.video_ids(prompt, torch.bincount(tokens.frame, minlength=tokens.num_frames).tolist())
         visual = ids == self.image_token_id
         embeds = self.embed(ids, self.image_token_id, tokens.features[order])
-        return LLMInputs(embeds, torch.ones_like(ids), visual, sizes_row(visual, tokens.size[order]))
+        return LLMInputs(embeds, torch.ones_like(ids), visual, lambda: sizes_row(visual, tokens.size[order]))
 
 
 def build_random(spec_path: Path = TINY_SMOLVLM2):

@@ -15,6 +15,7 @@ Two deliberate departures, both about bookkeeping rather than the algorithm:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,7 +52,11 @@ def static_gains(similarity: torch.Tensor, tau: float, max_window: int = DEFAULT
     Returns gains [T, T] float64 with gains[s, e] = (e - s)·|{p : sim[k, p] > τ for all k in s..e-1}|
     for s < e < s + max_window, else 0.
     """
-    ok = (similarity > tau).cpu().numpy()  # [T-1, N]
+    return window_gains((similarity > tau).cpu().numpy(), max_window)
+
+
+def window_gains(ok: np.ndarray, max_window: int = DEFAULT_MAX_WINDOW) -> np.ndarray:
+    """`static_gains` on the host mask ok [T-1, N] bool (similarity > τ). Returns gains [T, T] float64."""
     t = ok.shape[0] + 1
     gains = np.zeros((t, t), dtype=np.float64)
     longest = min(max_window - 1, t - 1)
@@ -125,21 +130,29 @@ def allocate_budget(part_sizes: list[int], budget: int) -> list[int]:
     return quota.tolist()
 
 
+def host_ints(values, device: torch.device | str) -> torch.Tensor:
+    """Small host-side integers (a list or numpy array: quotas, offsets, index maps) as a long tensor on
+    `device`, in one copy that does not wait for the device's queue (the staging copy of pageable memory
+    happens before the call returns). Never aliases `values`."""
+    return torch.from_numpy(np.array(values, dtype=np.int64)).to(device, non_blocking=True)
+
+
 def dpc_knn(x: torch.Tensor, num_centres: int, k: int = DEFAULT_KNN, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Density-peak clustering centres (DPC-KNN).
 
-    x: [n, D]. Returns (centre indices [num_centres] sorted ascending, distance matrix [n, n]).
+    x: [n, D]. Returns (centre indices [num_centres] sorted ascending, distance matrix [n, n] float32).
     distance = ‖xi − xj‖/√D; density ρ = exp(−mean of the k smallest squared distances) (self included,
     as in the reference); separation δ = distance to the nearest denser token (max distance for the
-    densest); centres = top `num_centres` of ρ·δ.
+    densest); centres = top `num_centres` of ρ·δ. The tie-breaking noise comes from a generator on x's
+    device (the same noise on every CPU run; a CUDA run draws its own).
     """
     n, d = x.shape
     dist = torch.cdist(x.float(), x.float()) / math.sqrt(d)
     k = max(1, min(k, n))
     nearest = dist.topk(k, dim=-1, largest=False).values
     density = (-(nearest**2).mean(-1)).exp()
-    gen = torch.Generator().manual_seed(seed)
-    density = density + torch.rand(n, generator=gen, dtype=density.dtype) * 1e-6
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    density = density + torch.rand(n, generator=gen, dtype=density.dtype, device=x.device) * 1e-6
     denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
     separation = torch.where(denser, dist, dist.max()).min(-1).values
     centres = (separation * density).topk(num_centres).indices.sort().values
@@ -152,21 +165,20 @@ def merge_into_centres(
     """Assign every token to its nearest centre and merge.
 
     x: [n, D], centres: [c] indices, dist: [n, n].
-    Returns (merged [c, D], assignment [n] in 0..c-1). A centre with members becomes
+    Returns (merged [c, D] in x's dtype, assignment [n] in 0..c-1). A centre with members becomes
     β·centre + (1−β)·mean(members); one without keeps its value.
     """
-    n = x.shape[0]
-    assign = dist[:, centres].argmin(-1)
-    assign[centres] = torch.arange(len(centres))
-    is_member = torch.ones(n, dtype=torch.bool)
-    is_member[centres] = False
     c = len(centres)
-    member_sum = torch.zeros(c, x.shape[1], dtype=x.dtype).index_add_(0, assign[is_member], x[is_member])
-    member_count = torch.bincount(assign[is_member], minlength=c).to(x.dtype)
-    merged = x[centres].clone()
-    has = member_count > 0
-    merged[has] = beta * x[centres][has] + (1 - beta) * member_sum[has] / member_count[has, None]
-    return merged, assign
+    assign = dist[:, centres].argmin(-1)
+    assign[centres] = torch.arange(c, device=x.device)
+    # members add into their centre's row; the centres themselves into a spare row c (masks, no host sync)
+    group = assign.index_fill(0, centres, c)
+    member_sum = x.new_zeros(c + 1, x.shape[1]).index_add_(0, group, x)[:c]
+    member_count = torch.zeros(c + 1, dtype=torch.long, device=x.device).index_add_(
+        0, group, torch.ones_like(group))[:c].to(x.dtype)
+    centre_values = x[centres]
+    merged = beta * centre_values + (1 - beta) * member_sum / member_count.clamp(min=1)[:, None]
+    return torch.where(member_count[:, None] > 0, merged, centre_values), assign
 
 
 def holitom_reduce(
@@ -189,105 +201,162 @@ def holitom_reduce(
     protected: optional [N] bool grid positions that are never merged across time and come first in
                every frame's top-k (the streaming engine protects what questions looked at).
     Returns VisualTokens with min(round(retain·T·N), tokens left after temporal merge) tokens, in
-    HoliTom's order: per segment, its static tokens, then each frame's dynamic tokens (grid order).
+    HoliTom's order: per segment, its static tokens, then each frame's dynamic tokens (grid order). Features
+    keep the input's dtype and device (temporal means and merges are computed in float32); each frame's
+    dynamic top-k breaks attention ties towards the earlier position. Dropped tokens are counted against
+    the most similar output token of their segment when `size` or `origin` is first read.
+
+    One host round trip per call: the [T-1, N] static mask goes to the CPU for the segmentation DP and the
+    budget split; the layout that follows (which part owns which output slots) comes back in one copy.
     """
-    t, n, _ = features.shape
+    t, n, d = features.shape
     if attention.shape != (t, n):
         raise ValueError(f"attention must be [{t}, {n}], got {tuple(attention.shape)}")
     if not 0.0 < retain <= 1.0:
         raise ConfigError(f"retain must be in (0, 1], got {retain}")
     tau = default_tau(retain) if tau is None else tau
-    features = features.float()
+    device = features.device
+    scores = attention.float()
     if protected is not None:
-        attention = attention.float() + protected.float() * (attention.max() + 1)
+        protected = protected.to(device)
+        scores = scores + protected.float() * (attention.max() + 1)
 
-    similarity = adjacent_similarity(features) if t > 1 else features.new_zeros(0, n)
-    segments = segment_by_gains(static_gains(similarity, tau, max_window), max_window)[0] if t > 1 else [(0, 0)]
+    similarity = adjacent_similarity(features) if t > 1 else features.new_zeros(0, n, dtype=torch.float32)
+    host = similarity > tau
+    if protected is not None:
+        host = torch.cat([host, protected[None]])
+    host = host.cpu().numpy()
+    static_ok, unprotected = host[: t - 1], ~host[t - 1] if protected is not None else np.ones(n, dtype=bool)
+    segments = segment_by_gains(window_gains(static_ok, max_window), max_window)[0] if t > 1 else [(0, 0)]
+    plan = _plan(segments, static_ok, unprotected, t, n, max(1, round(retain * t * n)))
 
-    # Stage I result: per segment a static mask [N]; static tokens are temporal means.
-    static_masks = []
-    for s, e in segments:
-        mask = (similarity[s:e] > tau).all(0) if e > s else torch.zeros(n, dtype=torch.bool)
-        static_masks.append(mask if protected is None else mask & ~protected)
+    # dynamic tokens: each frame's quota of its highest-attention non-static positions, in grid order
+    layout = host_ints(plan.layout, device)
+    static_at = layout[: t * n].view(t, n).bool()  # [T, N] static in the frame's segment
+    dyn_quota, dyn_base, frame_segment = layout[t * n : t * n + 3 * t].view(3, t)
+    static_pos = layout[t * n + 3 * t :]
+    keep = _rowwise_topk(scores.masked_fill(static_at, float("-inf")), dyn_quota)
+    origin = torch.where(keep, dyn_base[:, None] + keep.cumsum(1) - 1, -1)
+    fate = torch.full((t, n), Fate.DROPPED, dtype=torch.uint8, device=device)
+    fate.masked_fill_(keep, Fate.KEPT).masked_fill_(static_at, Fate.MERGED)
 
-    # Parts that share the budget: (segment, frame or None for static, positions)
-    parts: list[tuple[int, int | None, torch.Tensor]] = []
-    for seg, ((s, e), mask) in enumerate(zip(segments, static_masks, strict=True)):
-        if mask.any():
-            parts.append((seg, None, mask.nonzero().squeeze(1)))
-        dynamic_pos = (~mask).nonzero().squeeze(1)
-        for f in range(s, e + 1):
-            if len(dynamic_pos):
-                parts.append((seg, f, dynamic_pos))
-    budget = max(1, round(retain * t * n))
-    quotas = allocate_budget([len(p[2]) for p in parts], budget)
+    # static tokens: per segment, the temporal mean of each static position, clustered to its quota
+    static_values = []  # (first output slot, float32 values) per segment that keeps static tokens
+    for (s, e), (start, count, quota, base) in zip(segments, plan.static, strict=True):
+        if count == 0:
+            continue
+        pos = static_pos[start : start + count]
+        if quota == 0:
+            fate[s : e + 1, pos] = Fate.DROPPED
+            continue
+        static = features[s : e + 1, pos].float().mean(0)  # [count, D]
+        if quota >= count:
+            merged, assign = static, torch.arange(count, device=device)
+            centres = assign
+        else:
+            centres, dist = dpc_knn(static, quota, k=min(knn, quota))
+            merged, assign = merge_into_centres(static, centres, dist, beta)
+        origin[s : e + 1, pos] = base + assign
+        fate[s, pos[centres]] = Fate.KEPT
+        static_values.append((base, merged))
 
-    out_feat, out_frame, out_pos = [], [], []
-    origin = torch.full((t, n), -1, dtype=torch.long)
-    fate = torch.full((t, n), Fate.MERGED, dtype=torch.uint8)
-    out_segment = []  # segment of each output token, for attributing dropped tokens
-    for (seg, f, pos), quota in zip(parts, quotas, strict=True):
-        s, e = segments[seg]
-        base = sum(len(x) for x in out_feat)
-        if f is None:  # static part: temporal mean, then DPC-KNN clustering
-            static = features[s : e + 1, pos].mean(0)  # [n_static, D]
-            if quota >= len(pos):
-                merged, assign, centres = static, torch.arange(len(pos)), torch.arange(len(pos))
-            elif quota > 0:
-                centres, dist = dpc_knn(static, quota, k=min(knn, quota))
-                merged, assign = merge_into_centres(static, centres, dist, beta)
-            else:
-                fate[s : e + 1, pos] = Fate.DROPPED
-                continue
-            origin[s : e + 1, pos] = base + assign
-            fate[s, pos[centres]] = Fate.KEPT
-            out_feat.append(merged)
-            out_frame.append(torch.full((len(merged),), s))
-            out_pos.append(pos[centres])
-        else:  # dynamic part of frame f: attention top-k, kept in grid order
-            keep = attention[f, pos].topk(quota).indices.sort().values
-            dropped = torch.ones(len(pos), dtype=torch.bool)
-            dropped[keep] = False
-            fate[f, pos[dropped]] = Fate.DROPPED
-            fate[f, pos[keep]] = Fate.KEPT
-            origin[f, pos[keep]] = base + torch.arange(len(keep))
-            out_feat.append(features[f, pos[keep]])
-            out_frame.append(torch.full((len(keep),), f))
-            out_pos.append(pos[keep])
-        out_segment.append(torch.full((len(out_pos[-1]),), seg))
-
-    out = torch.cat(out_feat)
-    out_segment_t = torch.cat(out_segment)
-    _attribute_dropped(features, out, out_segment_t, segments, origin)
+    # output slot → the original token that sits there (its frame and position)
+    m = plan.num_out
+    kept = fate.flatten() == Fate.KEPT
+    rep = torch.zeros(m + 1, dtype=torch.long, device=device).scatter_(
+        0, torch.where(kept, origin.flatten(), m), torch.arange(t * n, device=device))[:m]
+    flat = features.reshape(t * n, d)
+    out = flat[rep]
+    for base, merged in static_values:
+        out[base : base + len(merged)] = merged.to(out.dtype)
+    attribute = None
+    if plan.drops:
+        attribute = _attribute_dropped(flat, out, static_values, frame_segment[rep // n], frame_segment, n)
     return VisualTokens(
         features=out,
-        frame=torch.cat(out_frame),
-        position=torch.cat(out_pos),
-        size=torch.bincount(origin.flatten(), minlength=len(out)),
+        frame=rep // n,
+        position=rep % n,
+        size=None if plan.drops else _count(origin.flatten(), m),
         origin=origin,
         fate=fate,
         grid_hw=grid_hw,
         segments=segments,
-        after_temporal=t * n - sum((e - s) * int(m.sum()) for (s, e), m in zip(segments, static_masks, strict=True)),
+        after_temporal=plan.after_temporal,
+        attribute=attribute,
     )
 
 
-def _attribute_dropped(
-    features: torch.Tensor,
-    out: torch.Tensor,
-    out_segment: torch.Tensor,
-    segments: list[tuple[int, int]],
-    origin: torch.Tensor,
-) -> None:
-    """Count each dropped token against the most similar output token of its segment (any segment if
-    its own kept none), so `size` sums to T·N. Values are not touched: HoliTom drops these tokens."""
-    out_unit = F.normalize(out, dim=-1)
-    for seg, (s, e) in enumerate(segments):
-        frames, pos = (origin[s : e + 1] < 0).nonzero(as_tuple=True)
-        if len(frames) == 0:
-            continue
-        candidates = (out_segment == seg).nonzero().squeeze(1)
-        if len(candidates) == 0:
-            candidates = torch.arange(len(out))
-        sim = F.normalize(features[s + frames, pos], dim=-1) @ out_unit[candidates].T
-        origin[s + frames, pos] = candidates[sim.argmax(-1)]
+class _Plan(NamedTuple):
+    """HoliTom's host-side layout: which output slots each part owns, before any token is chosen.
+
+    layout: int64 [T·N + 3·T + P]: static-in-its-segment flags [T·N], then per frame its dynamic quota,
+            its first dynamic output slot and its segment [3, T], then every segment's static positions.
+    static: per segment (offset of its static positions in the tail of `layout`, count, quota, first slot).
+    """
+
+    layout: np.ndarray
+    static: list[tuple[int, int, int, int]]
+    num_out: int
+    drops: bool  # some token is dropped (not merged into an output token)
+    after_temporal: int
+
+
+def _plan(segments: list[tuple[int, int]], static_ok: np.ndarray, unprotected: np.ndarray, t: int, n: int,
+          budget: int) -> _Plan:
+    """Split the budget over the parts (static part of each segment, dynamic part of each frame) by largest
+    remainder and lay out their output slots in HoliTom's order. static_ok: [T-1, N] bool; unprotected: [N]."""
+    masks = [static_ok[s:e].all(0) & unprotected if e > s else np.zeros(n, dtype=bool) for s, e in segments]
+    sizes: list[int] = []
+    for (s, e), mask in zip(segments, masks, strict=True):
+        count = int(mask.sum())
+        sizes += ([count] if count else []) + ([n - count] * (e - s + 1) if count < n else [])
+    quotas = iter(allocate_budget(sizes, budget))
+    static_at = np.zeros((t, n), dtype=np.int64)
+    per_frame = np.zeros((3, t), dtype=np.int64)  # dynamic quota, first dynamic slot, segment
+    static, positions = [], []
+    slot, offset, drops = 0, 0, False
+    for seg, ((s, e), mask) in enumerate(zip(segments, masks, strict=True)):
+        count = int(mask.sum())
+        quota = next(quotas) if count else 0
+        static.append((offset, count, quota, slot))
+        positions.append(np.flatnonzero(mask))
+        offset, slot, drops = offset + count, slot + quota, drops or (count > 0 and quota == 0)
+        static_at[s : e + 1] = mask
+        for f in range(s, e + 1):
+            quota = next(quotas) if count < n else 0
+            per_frame[:, f] = quota, slot, seg
+            slot, drops = slot + quota, drops or quota < n - count
+    after = t * n - sum((e - s) * int(m.sum()) for (s, e), m in zip(segments, masks, strict=True))
+    layout = np.concatenate([static_at.ravel(), per_frame.ravel(), *positions])
+    return _Plan(layout, static, slot, drops, after)
+
+
+def _rowwise_topk(scores: torch.Tensor, quotas: torch.Tensor) -> torch.Tensor:
+    """[T, N] bool: per row the quotas[row] highest scores, ties to the earlier index (one sort for all rows)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank_ok = torch.arange(scores.shape[-1], device=scores.device)[None, :] < quotas[:, None]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, rank_ok)
+
+
+def _count(origin: torch.Tensor, m: int) -> torch.Tensor:
+    """[m] long: how many entries of origin [T·N] point at each output token (no host sync, unlike bincount)."""
+    return torch.zeros(m, dtype=torch.long, device=origin.device).index_add_(0, origin, torch.ones_like(origin))
+
+
+def _attribute_dropped(flat: torch.Tensor, out: torch.Tensor, static_values: list[tuple[int, torch.Tensor]],
+                       out_segment: torch.Tensor, frame_segment: torch.Tensor, n: int):
+    """The deferred attribution: count each dropped token against the most similar output token of its
+    segment (any segment if its own kept none), so `size` sums to T·N. Values are not touched: HoliTom drops
+    these tokens. flat: [T·N, D] original tokens; out: [M, D] output tokens (static ones compared at their
+    float32 value); out_segment: [M]; frame_segment: [T]."""
+    def attribute(origin: torch.Tensor) -> None:
+        values = out.float()
+        if values is not out:  # rounded outputs (bf16): compare the static tokens at their float32 value
+            for base, merged in static_values:
+                values[base : base + len(merged)] = merged
+        loose = (origin < 0).nonzero().squeeze(1)
+        sim = F.normalize(flat[loose].float(), dim=-1) @ F.normalize(values, dim=-1).T  # [n_loose, M]
+        same = out_segment[None, :] == frame_segment[loose // n][:, None]
+        sim = sim.masked_fill(same.any(1, keepdim=True) & ~same, float("-inf"))
+        origin[loose] = sim.argmax(-1)
+    return attribute

@@ -12,26 +12,29 @@ import torch.nn.functional as F
 
 
 def patch_change(reference: torch.Tensor, current: torch.Tensor, level: float = 2 / 255) -> torch.Tensor:
-    """Mean absolute difference per patch in 0–255 levels. reference, current: [N, K] patch pixels → [N]."""
-    return (current - reference).abs().mean(-1) / level
+    """Mean absolute difference per patch in 0–255 levels, in float32. reference, current: [N, K] patch
+    pixels → [N]."""
+    return (current.float() - reference.float()).abs().mean(-1) / level
 
 
-def reuse_mask(change: torch.Tensor, grid: tuple[int, int], threshold: float, halo: int, max_fraction: float) -> torch.Tensor:
+def reuse_mask(change: torch.Tensor, grid: tuple[int, int], threshold: float, halo: int,
+               max_fraction: float) -> torch.Tensor:
     """Patches to take from the cache: bool [N].
 
     change [N] (levels). A patch is recomputed if it changed by more than `threshold` or lies within `halo`
     patches (Chebyshev distance) of one that did; of the rest, at most round(max_fraction·N) — the least
-    changed — are reused.
+    changed — are reused. No host sync: the cap is a rank test, a no-op when fewer candidates than the cap.
     """
     n = change.numel()
     changed = (change > threshold).float().view(1, 1, *grid)
     if halo > 0:
         changed = F.max_pool2d(changed, 2 * halo + 1, stride=1, padding=halo)
-    reuse = changed.view(n) == 0
+    candidate = changed.view(n) == 0
     cap = round(max_fraction * n)
-    if int(reuse.sum()) > cap:
-        # keep the `cap` least-changed candidates (stable: ties go to the lower index)
-        order = torch.argsort(torch.where(reuse, change, torch.inf), stable=True)
-        reuse = torch.zeros(n, dtype=torch.bool)
-        reuse[order[:cap]] = True
-    return reuse
+    if cap >= n:
+        return candidate
+    # rank the candidates by change, least first (stable: ties go to the lower index), the others after them
+    order = torch.argsort(change, stable=True)
+    order = order[torch.argsort((~candidate[order]).to(torch.uint8), stable=True)]
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=change.device))
+    return candidate & (rank < cap)

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
-import av
 import numpy as np
 
 from streamprune.errors import ConfigError, VideoError
+from streamprune.sources.lazy import LazyModule
 from streamprune.sources.samples import SAMPLE_PREFIX, resolve_video_arg
 from streamprune.sources.video import _check_path, _open_container, _reason, _video_stream
+
+av = LazyModule("av")
 
 _log = logging.getLogger(__name__)
 

@@ -17,13 +17,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 
 from streamprune.errors import ConfigError, VideoError
+from streamprune.sources.lazy import LazyModule
 
 if TYPE_CHECKING:
+    import av
     import decord
+else:
+    av = LazyModule("av")
 
 ProgressFn = Callable[[int, int], None]
 """`progress(done, total)`: called as sampled frames are decoded."""

@@ -49,39 +49,60 @@ DEFAULTS = {"inner_full_layers": 15, "inner_step": 0.125, "inner_zero_from_layer
 
 
 def bipartite_match(x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ToMe round's matching. x: [m, D] current tokens in order; A = even, B = odd indices.
+    """One ToMe round's matching, for every frame at once. x: [..., m, D] current tokens in order; A = even,
+    B = odd indices.
 
-    Returns (src [r], dst [r]) indices into x: the r A tokens whose best B partner (cosine) is most similar,
-    most similar first, and those partners (ties to the earlier token).
+    Returns (src [..., r], dst [..., r]) indices into x's token dim: per frame, the r A tokens whose best B
+    partner (cosine) is most similar, most similar first, and those partners (ties to the earlier token).
     """
+    m = x.shape[-2]
     unit = F.normalize(x.float(), dim=-1)
-    a, b = torch.arange(0, len(x), 2), torch.arange(1, len(x), 2)
-    best, partner = (unit[a] @ unit[b].T).max(-1)
-    order = torch.sort(-best, stable=True).indices[:r]
-    return a[order], b[partner[order]]
+    a = torch.arange(0, m, 2, device=x.device)
+    b = torch.arange(1, m, 2, device=x.device)
+    best, partner = (unit.index_select(-2, a) @ unit.index_select(-2, b).mT).max(-1)  # [..., |A|]
+    order = torch.sort(-best, dim=-1, stable=True).indices[..., :r]
+    return a[order], b[partner.gather(-1, order)]
+
+
+def merge_frames(x: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge each of G frames' tokens to q by bipartite rounds, all frames in step (same quota, so every
+    round removes the same number r from each frame and the shapes stay regular).
+
+    x: [G, N, D]. Returns (positions [G, q] of the representatives, ascending; values [G, q, D] float32;
+    rep [G, N] the representative position of every original token).
+    """
+    g, n, d = x.shape
+    device = x.device
+    pos = torch.arange(n, device=device).expand(g, n)
+    rep, val = pos, x.float()
+    frame_offset = torch.arange(g, device=device)[:, None]  # frame g's tokens start at g·m when flattened
+    while pos.shape[1] > q:
+        m = pos.shape[1]
+        r = min(m - q, m // 2)
+        src, dst = bipartite_match(val, r)  # [G, r] each
+        remap = torch.arange(n, device=device).repeat(g, 1).scatter_(1, pos.gather(1, src), pos.gather(1, dst))
+        rep = remap.gather(1, rep)
+        # the m − r tokens that stay, in order (a stable sort puts them first without a host sync), and where
+        # each token lands among them
+        gone = torch.zeros(g, m, dtype=torch.uint8, device=device).scatter_(1, src, 1)
+        stay = torch.sort(gone, dim=1, stable=True).indices[:, : m - r]
+        slot = (1 - gone).cumsum(1) - 1  # [G, m], valid for the staying tokens
+        pos = pos.gather(1, stay)
+        # each B token plus the A tokens merged into it (added in match order), over its group's size; row
+        # lookups on the flattened frames touch only the rows that move
+        flat = val.reshape(g * m, d)
+        merged_in = flat.index_select(0, (src + frame_offset * m).flatten())
+        val = flat.index_select(0, (stay + frame_offset * m).flatten())
+        val.index_add_(0, (slot.gather(1, dst) + frame_offset * (m - r)).flatten(), merged_in)
+        count = torch.zeros(g, m - r, device=device).scatter_add_(1, slot.gather(1, dst), torch.ones(g, r, device=device))
+        val = val.view(g, m - r, d).div_((1 + count)[..., None])
+    return pos, val, rep
 
 
 def merge_frame(x: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge one frame's tokens to q by bipartite rounds.
-
-    x: [N, D]. Returns (positions [q] of the representatives, ascending; values [q, D]; rep [N] the
-    representative position of every original token).
-    """
-    n = x.shape[0]
-    pos, val, rep = torch.arange(n), x.float(), torch.arange(n)
-    while len(pos) > q:
-        r = min(len(pos) - q, len(pos) // 2)
-        src, dst = bipartite_match(val, r)
-        count = torch.bincount(dst, minlength=len(pos))
-        total = val.clone().index_add_(0, dst, val[src])  # B token plus the A tokens merged into it
-        val = total / (1 + count)[:, None]
-        remap = torch.arange(n)
-        remap[pos[src]] = pos[dst]
-        rep = remap[rep]
-        stay = torch.ones(len(pos), dtype=torch.bool)
-        stay[src] = False
-        pos, val = pos[stay], val[stay]
-    return pos, val, rep
+    """`merge_frames` for one frame. x: [N, D] → (positions [q], values [q, D], rep [N])."""
+    pos, val, rep = merge_frames(x[None], q)
+    return pos[0], val[0], rep[0]
 
 
 def aim_reduce(features: torch.Tensor, attention: torch.Tensor | None, grid_hw: tuple[int, int], retain: float,
@@ -90,20 +111,28 @@ def aim_reduce(features: torch.Tensor, attention: torch.Tensor | None, grid_hw: 
     tokens, at most half per round) in rounds until the frame holds its share of round(retain·T·N) tokens;
     a merged token's value is the mean of its pair (AIM's merging before the LLM). Ignores attention.
 
-    features: [T, N, D]. Each output token sits at its B token's frame and position.
+    features: [T, N, D]. Each output token sits at its B token's frame and position. Frames with the same
+    quota (at most two values, `frame_quotas` differ by one) are merged together.
     """
     t, n = check_inputs(features, attention, retain)
-    rep = torch.full((t, n), -1, dtype=torch.long)
-    dropped = torch.zeros(t, n, dtype=torch.bool)
-    values = []
-    for f, q in enumerate(frame_quotas(retain, t, n)):
-        if q == 0:
-            dropped[f] = True
+    device = features.device
+    quota_list = frame_quotas(retain, t, n)
+    quotas = torch.tensor(quota_list, device=device)  # the one upload; group indices are found on the device
+    first_row = quotas.cumsum(0) - quotas  # where each frame's output tokens start
+    rep = torch.full((t, n), -1, dtype=torch.long, device=device)
+    dropped = torch.zeros(t, n, dtype=torch.bool, device=device)
+    values = torch.empty(sum(quota_list), features.shape[2], dtype=torch.float32, device=device)
+    for q in sorted(set(quota_list)):
+        size = quota_list.count(q)
+        frames = torch.nonzero_static(quotas == q, size=size).squeeze(1)  # static size: no host sync
+        if q == 0:  # nothing kept: its tokens are counted against the most similar output token
+            dropped[frames] = True
             continue
-        _, val, frame_rep = merge_frame(features[f], q)
-        rep[f] = f * n + frame_rep
-        values.append(val)
-    return assemble(features, rep, dropped, grid_hw, values=torch.cat(values))
+        _, val, frame_rep = merge_frames(features if size == t else features[frames], q)
+        rep[frames] = frames[:, None] * n + frame_rep
+        rows = first_row[frames][:, None] + torch.arange(q, device=device)
+        values[rows.flatten()] = val.flatten(0, 1)
+    return assemble(features, rep, dropped, grid_hw, values=values)
 
 
 def aim_inner(retain: float, num_layers: int, inner_full_layers: int = DEFAULTS["inner_full_layers"],

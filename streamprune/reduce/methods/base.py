@@ -90,63 +90,107 @@ def assemble(features: torch.Tensor, rep: torch.Tensor, dropped: torch.Tensor, g
     values: optional [M, D] output values in output order (default: mean of each representative's
     non-dropped group). Output order: representatives by (frame, position). A dropped token with rep = -1
     is counted against the most cosine-similar output token of its own frame (any frame if its frame kept
-    none), so `size` sums to T·N. Representatives sit at their own frame and position.
+    none), so `size` sums to T·N; that matching only feeds reports and proportional attention, so it runs
+    when `origin` or `size` is first read. Representatives sit at their own frame and position. Everything
+    stays on the features' device; values keep their dtype.
     """
     t, n, d = features.shape
-    flat = features.reshape(t * n, d).float()
-    rep, dropped = rep.flatten().clone(), dropped.flatten()
-    own = torch.arange(t * n)
+    device = features.device
+    flat = features.reshape(t * n, d)
+    rep, dropped = rep.flatten(), dropped.flatten()
+    own = torch.arange(t * n, device=device)
     is_rep = (rep == own) & ~dropped
-    if not is_rep.any():
+    reps = is_rep.nonzero().squeeze(1)  # sorted: frame-major raster order
+    if len(reps) == 0:
         raise ValueError("assemble: no token is kept")
     if (~dropped & ((rep < 0) | ~is_rep[rep.clamp(min=0)])).any():
         raise ValueError("assemble: every kept or merged token must point at a representative")
-    reps = is_rep.nonzero().squeeze(1)  # sorted: frame-major raster order
-    slot = torch.full((t * n,), -1, dtype=torch.long)
-    slot[reps] = torch.arange(len(reps))
+    slot = torch.full((t * n,), -1, dtype=torch.long, device=device)
+    slot[reps] = torch.arange(len(reps), device=device)
     origin = torch.where(rep >= 0, slot[rep.clamp(min=0)], -1)
-    used = ~dropped
     if values is None:
-        total = torch.zeros(len(reps), d).index_add_(0, origin[used], flat[used])
-        values = total / torch.bincount(origin[used], minlength=len(reps)).clamp(min=1)[:, None]
-    loose = (origin < 0).nonzero().squeeze(1)
-    if len(loose):  # dropped with no representative given: the most similar output token, same frame first
-        unit = F.normalize(values.float(), dim=-1)
-        sim = F.normalize(flat[loose], dim=-1) @ unit.T  # [n_loose, M]
-        same = (reps // n)[None, :] == (loose // n)[:, None]
-        has_same = same.any(1, keepdim=True)
-        sim = sim.masked_fill(has_same & ~same, float("-inf"))
-        origin[loose] = sim.argmax(-1)
-    fate = torch.full((t * n,), Fate.MERGED, dtype=torch.uint8)
+        used = ~dropped
+        merged = (rep != own) & used  # only groups with members need a mean; kept tokens are copied as they are
+        values = flat[reps].clone()
+        if merged.any():
+            total = torch.zeros(len(reps), d, dtype=torch.float32, device=device)
+            total.index_add_(0, origin[used], flat[used].float())
+            count = torch.bincount(origin[used], minlength=len(reps))
+            grouped = count > 1
+            values[grouped] = (total[grouped] / count[grouped, None]).to(flat.dtype)
+    fate = torch.full((t * n,), Fate.MERGED, dtype=torch.uint8, device=device)
     fate[dropped] = Fate.DROPPED
     fate[reps] = Fate.KEPT
+    out_values = values.to(features.dtype)
+    loose = (origin < 0).any()
     return VisualTokens(
-        features=values.to(features.dtype),
+        features=out_values,
         frame=reps // n,
         position=reps % n,
-        size=torch.bincount(origin, minlength=len(reps)),
+        size=None if loose else torch.bincount(origin, minlength=len(reps)),
         origin=origin.view(t, n),
         fate=fate.view(t, n),
         grid_hw=grid_hw,
         segments=segments if segments is not None else [(i, i) for i in range(t)],
         after_temporal=t * n if after_temporal is None else after_temporal,
+        attribute=nearest_kept(flat, out_values, reps, n) if loose else None,
     )
+
+
+def nearest_kept(flat: torch.Tensor, values: torch.Tensor, reps: torch.Tensor, n: int):
+    """The deferred attribution of `assemble`: each loose token of `origin` [T·N] (−1) to the most
+    cosine-similar output token of its own frame, or of any frame if its frame kept none.
+
+    flat: [T·N, D] original tokens; values: [M, D] output tokens; reps: [M] flat index of each output token
+    (ascending, so frame-major). Each frame is compared only with its own output tokens, padded to the
+    largest count per frame ([T, N, width] similarities, not [T·N, M]: T times less work on a long clip).
+    Two host reads: that width, and whether some frame kept nothing."""
+    def attribute(origin: torch.Tensor) -> None:
+        device, d = flat.device, flat.shape[1]
+        t, m = flat.shape[0] // n, reps.shape[0]
+        frame_of = reps // n  # [M], non-decreasing
+        counts = torch.bincount(frame_of, minlength=t)  # output tokens per frame [T]
+        width = int(counts.max())
+        column = torch.arange(m, device=device) - (counts.cumsum(0) - counts)[frame_of]  # slot within its frame
+        table = torch.full((t, width), -1, dtype=torch.long, device=device)  # [T, width] output index per slot
+        table[frame_of, column] = torch.arange(m, device=device)
+        unit = F.normalize(values.float(), dim=-1)  # [M, D]
+        padded = torch.zeros(t, width, d, dtype=torch.float32, device=device)
+        padded[frame_of, column] = unit
+        sim = F.normalize(flat.float(), dim=-1).view(t, n, d) @ padded.transpose(1, 2)  # [T, N, width]
+        sim = sim.masked_fill(table[:, None, :] < 0, float("-inf"))
+        best = table.gather(1, sim.argmax(-1)).flatten()  # [T·N]; −1 in a frame without output tokens
+        loose = origin < 0
+        origin.copy_(torch.where(loose, best, origin))
+        orphan = (loose & (best < 0)).nonzero().squeeze(1)
+        if len(orphan):  # their frame kept nothing: the most similar output token of any frame
+            origin[orphan] = (F.normalize(flat[orphan].float(), dim=-1) @ unit.T).argmax(-1)
+    return attribute
 
 
 def keep_only(features: torch.Tensor, keep: torch.Tensor, grid_hw: tuple[int, int], **kwargs) -> VisualTokens:
     """Pure pruning: keep [T, N] bool tokens as they are, drop the rest."""
     t, n, _ = features.shape
     keep = keep.flatten()
-    rep = torch.where(keep, torch.arange(t * n), -1)
+    rep = torch.where(keep, torch.arange(t * n, device=keep.device), -1)
     return assemble(features, rep.view(t, n), ~keep.view(t, n), grid_hw, **kwargs)
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[n] bool marking the k highest scores (ties to the earlier index)."""
-    keep = torch.zeros(scores.shape[0], dtype=torch.bool)
-    order = torch.sort(scores.float(), descending=True, stable=True).indices
-    keep[order[:k]] = True
-    return keep
+    """[..., n] bool marking the k highest scores along the last dim (ties to the earlier index)."""
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order[..., :k], True)
+
+
+def quota_topk(scores: torch.Tensor, quotas: torch.Tensor | list[int]) -> torch.Tensor:
+    """Per row, the quota highest scores, in one sort for all rows (ties to the earlier index).
+
+    scores: [T, N] (−inf marks what may never be picked, as long as a row's quota leaves it out);
+    quotas: [T] long (or a list of ints). Returns [T, N] bool."""
+    quotas = torch.as_tensor(quotas, dtype=torch.long, device=scores.device)
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices
+    rank_ok = torch.arange(scores.shape[-1], device=scores.device)[None, :] < quotas[:, None]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, rank_ok)
 
 
 def cosine_matrix(x: torch.Tensor) -> torch.Tensor:

@@ -38,38 +38,57 @@ DEFAULTS: dict = {}
 
 
 def cosine_distance(x: torch.Tensor) -> torch.Tensor:
-    """[n, D] → [n, n] pairwise 1 − cos (0 on the diagonal up to rounding)."""
-    return 1.0 - cosine_matrix(x)
+    """[n, D] → [n, n] pairwise 1 − cos (0 on the diagonal up to rounding), float32."""
+    return cosine_matrix(x).neg_().add_(1.0)  # in place: −c + 1 rounds as 1 − c, without a second [n, n]
 
 
-def most_isolated(dist: torch.Tensor) -> int:
-    """DivPrune's first pick: the token whose nearest other token is farthest. dist: [n, n]."""
-    nearest = dist.clone().fill_diagonal_(float("inf")).min(1).values
-    if not torch.isfinite(nearest).any():  # a single token
-        return 0
-    return int(nearest.argmax())
+def most_isolated(dist: torch.Tensor) -> torch.Tensor:
+    """DivPrune's first pick: the token whose nearest other token is farthest. dist: [n, n] (left as it is).
+    Returns a 0-d long tensor on dist's device (0 for a single token)."""
+    return _most_isolated(dist.clone())
 
 
-def max_min_order(dist: torch.Tensor, k: int, first: int) -> torch.Tensor:
+def _most_isolated(dist: torch.Tensor) -> torch.Tensor:
+    """`most_isolated` that writes +inf on dist's diagonal (its own matrix: saves an [n, n] copy)."""
+    nearest = dist.fill_diagonal_(float("inf")).min(1).values  # a single token: [inf], argmax 0
+    return nearest.argmax()
+
+
+def max_min_order(dist: torch.Tensor, k: int, first: int | torch.Tensor) -> torch.Tensor:
     """Greedy max–min (farthest-point) selection starting at `first`.
 
-    dist: [n, n] symmetric distances. Returns [k] long, the picks in selection order: each next pick has the
-    largest minimum distance to the picks before it (ties to the earlier index).
+    dist: [n, n] symmetric distances (left as it is); first: an index (int or 0-d tensor). Returns [min(k, n)]
+    long, the picks in selection order: each next pick has the largest minimum distance to the picks before
+    it (ties to the earlier index).
     """
-    n = dist.shape[0]
-    k = min(k, n)
-    order = torch.empty(k, dtype=torch.long)
+    return farthest_points(dist.clone().fill_diagonal_(float("-inf")), k, first)
+
+
+def farthest_points(dist: torch.Tensor, k: int, first: int | torch.Tensor) -> torch.Tensor:
+    """`max_min_order` on a distance matrix whose diagonal is already −inf, so that taking the minimum with
+    a pick's row also retires the pick (never chosen again) and one step is three kernels with no host sync.
+
+    dist: [n, n]. Returns [min(k, n)] long picks in selection order.
+    """
+    k = min(k, dist.shape[0])
     if k == 0:
-        return order
-    order[0] = first
-    nearest = dist[first].clone()  # each token's distance to its nearest pick so far
-    nearest[first] = float("-inf")  # a pick is never chosen again
-    for i in range(1, k):
-        j = int(nearest.argmax())  # argmax returns the first maximum: ties to the earlier index
-        order[i] = j
-        nearest = torch.minimum(nearest, dist[j])  # earlier picks stay at -inf
-        nearest[j] = float("-inf")
-    return order
+        return torch.empty(0, dtype=torch.long, device=dist.device)
+    pick = torch.as_tensor(first, dtype=torch.long, device=dist.device).view(1)
+    picks = [pick]
+    nearest = dist.index_select(0, pick)[0]  # each token's distance to its nearest pick so far (picks: −inf)
+    for _ in range(1, k):
+        pick = nearest.argmax(0, keepdim=True)  # the first maximum: ties to the earlier index
+        picks.append(pick)
+        nearest = torch.minimum(nearest, dist.index_select(0, pick)[0])
+    return torch.cat(picks)
+
+
+def divprune_order(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune's picks over tokens flat [n, D], in selection order: [min(k, n)] long. One distance matrix,
+    whose diagonal serves first the isolation test (+inf) and then the max–min loop (−inf)."""
+    dist = cosine_distance(flat)
+    first = _most_isolated(dist)
+    return farthest_points(dist.fill_diagonal_(float("-inf")), k, first)
 
 
 def divprune_reduce(features: torch.Tensor, attention: torch.Tensor | None, grid_hw: tuple[int, int], retain: float,
@@ -81,11 +100,8 @@ def divprune_reduce(features: torch.Tensor, attention: torch.Tensor | None, grid
     features: [T, N, D]. Kept tokens stay at their frame and position (original order).
     """
     t, n = check_inputs(features, attention, retain)
-    flat = features.reshape(t * n, -1)
-    dist = cosine_distance(flat)
-    order = max_min_order(dist, video_budget(retain, t, n), most_isolated(dist))
-    keep = torch.zeros(t * n, dtype=torch.bool)
-    keep[order] = True
+    order = divprune_order(features.reshape(t * n, -1), video_budget(retain, t, n))
+    keep = torch.zeros(t * n, dtype=torch.bool, device=features.device).index_fill_(0, order, True)
     return keep_only(features, keep.view(t, n), grid_hw)
 
 

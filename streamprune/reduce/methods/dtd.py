@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import torch
 
-from streamprune.reduce.holitom import adjacent_similarity, allocate_budget
-from streamprune.reduce.methods.base import PRE_LLM, Method, check_inputs, keep_only, topk_mask, video_budget
+from streamprune.reduce.holitom import adjacent_similarity, allocate_budget, host_ints
+from streamprune.reduce.methods.base import PRE_LLM, Method, check_inputs, keep_only, quota_topk, video_budget
 from streamprune.reduce.methods.dycoke import spread_positions
 from streamprune.tokens import VisualTokens
 
@@ -52,20 +52,20 @@ DEFAULTS = DTD_DEFAULTS
 
 
 def previous_frame_similarity(features: torch.Tensor) -> torch.Tensor:
-    """Cosine of each token with the same position in the previous frame; frame 0 gets −inf (nothing before
-    it).
+    """Cosine of each token with the same position in the previous frame (float32); frame 0 gets −inf (nothing
+    before it).
 
     features: [T, N, D] → [T, N].
     """
     t, n, _ = features.shape
-    first = torch.full((1, n), float("-inf"))
+    first = torch.full((1, n), float("-inf"), device=features.device)
     return torch.cat([first, adjacent_similarity(features)]) if t > 1 else first
 
 
-def first_frame_only(t: int, n: int, budget: int) -> torch.Tensor:
-    """[T, N] keep mask for a budget below one frame: evenly spaced positions of frame 0."""
-    keep = torch.zeros(t, n, dtype=torch.bool)
-    keep[0] = spread_positions(n, budget)
+def first_frame_only(t: int, n: int, budget: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[T, N] keep mask on `device` for a budget below one frame: evenly spaced positions of frame 0."""
+    keep = torch.zeros(t, n, dtype=torch.bool, device=device)
+    keep[0] = spread_positions(n, budget, device)
     return keep
 
 
@@ -85,12 +85,11 @@ def dtd(features: torch.Tensor, attention: torch.Tensor | None, grid_hw: tuple[i
         return keep_only(features, ~(similarity > threshold), grid_hw)
     budget = video_budget(retain, t, n)
     if budget < n:
-        return keep_only(features, first_frame_only(t, n, budget), grid_hw)
-    keep = torch.zeros(t, n, dtype=torch.bool)
-    keep[0] = True
-    for f, quota in zip(range(1, t), allocate_budget([n] * (t - 1), budget - n), strict=True):
-        keep[f] = topk_mask(-similarity[f], quota)  # least similar kept; ties to the earlier position
-    return keep_only(features, keep, grid_hw)
+        return keep_only(features, first_frame_only(t, n, budget, features.device), grid_hw)
+    # frame 0 (similarity −inf) keeps all N; the others keep their least similar tokens, ties to the earlier
+    # position, all frames in one sort
+    quotas = [n, *allocate_budget([n] * (t - 1), budget - n)]
+    return keep_only(features, quota_topk(-similarity, host_ints(quotas, features.device)), grid_hw)
 
 
 def evs(features: torch.Tensor, attention: torch.Tensor | None, grid_hw: tuple[int, int], retain: float,
@@ -103,11 +102,11 @@ def evs(features: torch.Tensor, attention: torch.Tensor | None, grid_hw: tuple[i
     t, n = check_inputs(features, attention, retain)
     budget = video_budget(retain, t, n)
     if budget < n:
-        return keep_only(features, first_frame_only(t, n, budget), grid_hw)
+        return keep_only(features, first_frame_only(t, n, budget, features.device), grid_hw)
     dissimilarity = 1 - previous_frame_similarity(features)
     dissimilarity[0] = 255.0  # vLLM's marker: frame 0 outranks any 1 − cos ∈ [0, 2]
     order = torch.sort(dissimilarity.flatten(), descending=True, stable=True).indices
-    keep = torch.zeros(t * n, dtype=torch.bool)
+    keep = torch.zeros(t * n, dtype=torch.bool, device=features.device)
     keep[order[:budget]] = True
     return keep_only(features, keep.view(t, n), grid_hw)
 

@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import torch
 
-from streamprune.reduce.holitom import adjacent_similarity, allocate_budget
+from streamprune.reduce.holitom import allocate_budget, host_ints
 from streamprune.reduce.methods.base import (
     KV_CACHE,
     PRE_LLM,
     Method,
     check_inputs,
     keep_only,
-    topk_mask,
+    quota_topk,
     video_budget,
 )
 from streamprune.tokens import VisualTokens
@@ -66,16 +66,22 @@ def reference_frames(t: int, window: int = WINDOW) -> list[int | None]:
     return refs
 
 
-def similarity_to(features: torch.Tensor, frame: int, reference: int) -> torch.Tensor:
-    """Cosine similarity of each position of `frame` with the same position of `reference`. features [T, N, D]
-    → [N]."""
-    return adjacent_similarity(features[[reference, frame]])[0]
+def paired_similarity(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each token of `first` with the token at the same index of `second`, in float32.
+
+    first, second: [P, N, D] → [P, N]. All P·N dot products run as one flat batch, so each pair's value is
+    the same whether it is computed alone or with others.
+    """
+    p, n, d = first.shape
+    a, b = first.float(), second.float()
+    dots = torch.einsum("tnd,tnd->tn", a.reshape(1, p * n, d), b.reshape(1, p * n, d)).view(p, n)
+    return dots / (a.norm(dim=-1).clamp_min(1e-12) * b.norm(dim=-1).clamp_min(1e-12))
 
 
-def spread_positions(n: int, k: int) -> torch.Tensor:
-    """[n] bool with k evenly spaced positions set (raster order)."""
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[(torch.arange(k) * n) // max(k, 1)] = True
+def spread_positions(n: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[n] bool with k evenly spaced positions set (raster order), on `device`."""
+    keep = torch.zeros(n, dtype=torch.bool, device=device)
+    keep[(torch.arange(k, device=device) * n) // max(k, 1)] = True
     return keep
 
 
@@ -85,24 +91,42 @@ def dycoke_ttm(features: torch.Tensor, attention: torch.Tensor | None, grid_hw: 
     same position of their reference frame (frame 1 and 2 vs 0, frame 3 vs 2); the rest are dropped.
 
     features: [T, N, D]; attention unused. Returns exactly round(retain·T·N) tokens; K is derived from retain
-    (module docstring).
+    (module docstring). The frames that keep part of their tokens are scored at once: one batch of
+    similarities to each frame's reference and one per-frame top-k (ties to the earlier position).
     """
     t, n = check_inputs(features, attention, retain)
+    device = features.device
     budget = video_budget(retain, t, n)
     refs = reference_frames(t, window)
     firsts = [f for f in range(t) if refs[f] is None]
     others = [f for f in range(t) if refs[f] is not None]
-    keep = torch.zeros(t, n, dtype=torch.bool)
+    quotas = [n] * t  # window starts: whole (first regime) or their share (second regime)
     if budget >= len(firsts) * n:  # the paper's regime: window starts whole, K from the rest of the budget
-        keep[firsts] = True
-        quotas = allocate_budget([n] * len(others), budget - len(firsts) * n)
-        for f, quota in zip(others, quotas, strict=True):
-            keep[f] = topk_mask(-similarity_to(features, f, refs[f]), quota)
+        reference = refs
+        for f, quota in zip(others, allocate_budget([n] * len(others), budget - len(firsts) * n), strict=True):
+            quotas[f] = quota
     else:  # below the TTM floor: only window starts, pruned against the previous window start
-        quotas = allocate_budget([n] * len(firsts), budget)
-        keep[0] = spread_positions(n, quotas[0])
-        for previous, f, quota in zip(firsts[:-1], firsts[1:], quotas[1:], strict=True):
-            keep[f] = topk_mask(-similarity_to(features, f, previous), quota)
+        reference = [None] * t
+        for f in others:
+            quotas[f] = 0
+        for previous, f in zip(firsts[:-1], firsts[1:], strict=True):
+            reference[f] = previous
+        firsts_quota = allocate_budget([n] * len(firsts), budget)
+        for f, quota in zip(firsts, firsts_quota, strict=True):
+            quotas[f] = quota
+    # only frames that keep part of their tokens are scored, all in one batch; frame 0 never has a reference
+    # and spreads its quota over the grid when it cannot keep everything
+    keep = torch.zeros(t, n, dtype=torch.bool, device=device)
+    scored = [f for f in range(t) if 0 < quotas[f] < n and reference[f] is not None]
+    whole = [f for f in range(t) if quotas[f] >= n]
+    layout = host_ints([*scored, *(reference[f] for f in scored), *(quotas[f] for f in scored), *whole], device)
+    frames, refs_of, scored_quota = layout[: 3 * len(scored)].view(3, len(scored))
+    if scored:
+        similarity = paired_similarity(features[refs_of], features[frames])
+        keep[frames] = quota_topk(-similarity, scored_quota)
+    keep[layout[3 * len(scored) :]] = True
+    if 0 < quotas[0] < n:
+        keep[0] = spread_positions(n, quotas[0], device)
     return keep_only(features, keep, grid_hw)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from streamprune.reduce.methods.base import PRE_LLM, Method, check_inputs, frame_quotas, keep_only, topk_mask
+from streamprune.reduce.methods.base import PRE_LLM, Method, check_inputs, frame_quotas, keep_only, quota_topk
 from streamprune.tokens import VisualTokens
 
 PAPER = ("Zhang et al., [CLS] Attention is All You Need for Training-Free Visual Token Pruning: Make VLM "
@@ -31,15 +31,12 @@ DEFAULTS: dict = {}
 
 
 def attention_keep(attention: torch.Tensor, quotas: list[int]) -> torch.Tensor:
-    """Per-frame top-k by attention.
+    """Per-frame top-k by attention, all frames in one sort.
 
     attention: [T, N]; quotas: T ints. Returns keep [T, N] bool with quotas[t] True in frame t
     (ties to the earlier position).
     """
-    keep = torch.zeros(attention.shape, dtype=torch.bool)
-    for f, q in enumerate(quotas):
-        keep[f] = topk_mask(attention[f], q)
-    return keep
+    return quota_topk(attention, quotas)
 
 
 def fastervlm_reduce(features: torch.Tensor, attention: torch.Tensor, grid_hw: tuple[int, int], retain: float,

@@ -37,12 +37,14 @@ attention each token received in the vision tower's last used layer. Density tie
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamprune.reduce.holitom import allocate_budget
-from streamprune.reduce.methods.base import PRE_LLM, Method, assemble, check_inputs, frame_quotas, topk_mask
+from streamprune.reduce.holitom import allocate_budget, host_ints
+from streamprune.reduce.methods.base import PRE_LLM, Method, assemble, check_inputs, frame_quotas, quota_topk
 from streamprune.tokens import VisualTokens
 
 PAPER = ("Shen et al., FastVID: Dynamic Density Pruning for Fast Video Large Language Models, NeurIPS 2025 "
@@ -53,12 +55,13 @@ DEFAULTS = {"min_segments": 8, "tau": 0.9, "context_share": 0.4, "knn": 4, "anch
 def dynamic_segments(global_features: torch.Tensor, min_segments: int = 8,
                      tau: float = 0.9) -> list[tuple[int, int]]:
     """DySeg: global_features [T, D] → inclusive segments. Cuts after the min_segments−1 least similar
-    adjacent transitions (ties to the earlier) and after every transition with cosine similarity < tau."""
+    adjacent transitions (ties to the earlier) and after every transition with cosine similarity < tau.
+    The T−1 similarities come to the host once; the cuts are host bookkeeping."""
     t = global_features.shape[0]
     if t == 1:
         return [(0, 0)]
     unit = F.normalize(global_features.float(), dim=-1)
-    similarity = (unit[:-1] * unit[1:]).sum(-1)  # [T-1]: frame i vs frame i+1
+    similarity = (unit[:-1] * unit[1:]).sum(-1).cpu()  # [T-1]: frame i vs frame i+1
     lowest = torch.sort(similarity, stable=True).indices[: max(0, min(min_segments - 1, t - 1))]
     cuts = sorted(set(lowest.tolist()) | set((similarity < tau).nonzero().squeeze(1).tolist()))
     starts = [0] + [c + 1 for c in cuts]
@@ -72,12 +75,12 @@ def anchor_frames(start: int, end: int, stride: int = 4) -> list[int]:
 
 
 def density_scores(x: torch.Tensor, k: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
-    """DPC score ρ·δ per row of x [m, D] → [m] (ρ from the k nearest incl. self, δ to the nearest denser
-    row)."""
+    """DPC score ρ·δ per row of x [m, D] → [m] float32 (ρ from the k nearest incl. self, δ to the nearest denser
+    row). The tie-breaking noise is drawn on x's device (`generator` must live there too)."""
     m, d = x.shape
     dist = torch.cdist(x.float(), x.float()) / math.sqrt(d)
     nearest = dist.topk(min(k, m), dim=-1, largest=False).values
-    density = (-(nearest**2).mean(-1)).exp() + torch.rand(m, generator=generator) * 1e-6
+    density = (-(nearest**2).mean(-1)).exp() + torch.rand(m, generator=generator, device=x.device) * 1e-6
     denser = density[None, :] > density[:, None]
     separation = torch.where(denser, dist, dist.max()).min(-1).values
     return separation * density
@@ -87,10 +90,48 @@ def merge_into_anchors(anchors: torch.Tensor, pool: torch.Tensor, beta: float = 
     """DTM merge: each row of pool [m, D] joins its cosine-most-similar anchor [c, D]; an anchor with n joined
     becomes w·anchor + (1−w)·mean(joined), w = max(1/(n+1), β) (unchanged when n = 0). Returns [c, D]."""
     assign = (F.normalize(pool, dim=-1) @ F.normalize(anchors, dim=-1).T).argmax(-1)
-    count = torch.bincount(assign, minlength=len(anchors)).to(pool.dtype)
+    count = torch.zeros(len(anchors), dtype=torch.long, device=pool.device).index_add_(
+        0, assign, torch.ones_like(assign)).to(pool.dtype)
     joined = torch.zeros_like(anchors).index_add_(0, assign, pool) / count.clamp(min=1)[:, None]
     weight = (1 / (count + 1)).clamp(min=beta)[:, None]
     return weight * anchors + (1 - weight) * joined
+
+
+class _Segment(NamedTuple):
+    """One DySeg segment's share of the work, all host ints: its filtered tokens are entries
+    [start, start + count) of the non-salient order; each anchor frame (offset of its own filtered tokens in
+    that order, their count, its context share)."""
+
+    start: int
+    count: int
+    anchors: list[tuple[int, int, int]]
+
+
+def _plan(segments: list[tuple[int, int]], quotas: list[int], n: int, context_share: float,
+          anchor_stride: int) -> tuple[list[int], list[_Segment]]:
+    """Salient count per frame (after moving any context surplus of full anchor frames onto the segment's other
+    frames) and every segment's layout of filtered tokens and anchor shares."""
+    salient_count = [q - int(q * context_share) for q in quotas]
+    layout = []
+    for s, e in segments:
+        frames = list(range(s, e + 1))
+        anchors = anchor_frames(s, e, anchor_stride)
+        context = sum(quotas[f] - salient_count[f] for f in frames)
+        capacity = sum(n - salient_count[f] for f in anchors)
+        if context > capacity:  # anchors are full: the surplus becomes salient tokens of the other frames
+            others = [f for f in frames if f not in anchors]
+            extras = allocate_budget([n - salient_count[f] for f in others], context - capacity)
+            for f, extra in zip(others, extras, strict=True):
+                salient_count[f] += extra
+            context = capacity
+        shares = allocate_budget([n - salient_count[f] for f in anchors], context)
+        layout.append((s, e, anchors, shares))
+    offsets = np.concatenate([[0], np.cumsum([n - c for c in salient_count])]).tolist()
+    plan = [_Segment(offsets[s], offsets[e + 1] - offsets[s],
+                     [(offsets[f], offsets[f + 1] - offsets[f], share)
+                      for f, share in zip(anchors, shares, strict=True)])
+            for s, e, anchors, shares in layout]
+    return salient_count, plan
 
 
 def fastvid(features: torch.Tensor, attention: torch.Tensor, grid_hw: tuple[int, int], retain: float,
@@ -104,52 +145,51 @@ def fastvid(features: torch.Tensor, attention: torch.Tensor, grid_hw: tuple[int,
 
     features: [T, N, D]; attention: [T, N] attention each token received. Returns exactly round(retain·T·N)
     tokens.
+
+    The salient tokens of all frames come from one top-k (ties to the earlier position); the filtered tokens of
+    every frame, in raster order, from one stable sort, so each segment and anchor frame reads a slice whose
+    size the host knows. Only the density peaks and merges loop, over anchor frames, without host syncs.
     """
     t, n = check_inputs(features, attention, retain)
     if attention is None:
         raise ValueError("fastvid needs the attention each token received")
-    x = features.float()
-    flat = x.reshape(t * n, -1)
-    gen = torch.Generator().manual_seed(seed)
-    segments = dynamic_segments(x.mean(1), min_segments, tau)
-    quotas = frame_quotas(retain, t, n)
-    salient_count = [q - int(q * context_share) for q in quotas]
+    device = features.device
+    flat = features.reshape(t * n, -1)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    segments = dynamic_segments(features.float().mean(1), min_segments, tau)
+    salient_count, plan = _plan(segments, frame_quotas(retain, t, n), n, context_share, anchor_stride)
+    salient = quota_topk(attention, host_ints(salient_count, device))
+    filtered_order = torch.sort(salient.flatten().to(torch.uint8), stable=True).indices  # filtered, then salient
 
-    rep = torch.arange(t * n)
-    dropped = torch.zeros(t * n, dtype=torch.bool)
-    values = flat.clone()  # output value per original token; read only at representatives
-    unit = F.normalize(flat, dim=-1)
-    for s, e in segments:
-        frames = list(range(s, e + 1))
-        anchors = anchor_frames(s, e, anchor_stride)
-        context = sum(quotas[f] - salient_count[f] for f in frames)
-        capacity = sum(n - salient_count[f] for f in anchors)
-        if context > capacity:  # anchors are full: the surplus becomes salient tokens of the other frames
-            others = [f for f in frames if f not in anchors]
-            extras = allocate_budget([n - salient_count[f] for f in others], context - capacity)
-            for f, extra in zip(others, extras, strict=True):
-                salient_count[f] += extra
-            context = capacity
-        salient = {f: topk_mask(attention[f], salient_count[f]) for f in frames}
-        filtered = torch.cat([f * n + (~salient[f]).nonzero().squeeze(1) for f in frames])  # flat indices
+    rep = torch.arange(t * n, device=device)
+    dropped = torch.zeros(t * n, dtype=torch.bool, device=device)
+    merges = []  # (anchor tokens, their DTM values)
+    for segment in plan:
+        filtered = filtered_order[segment.start : segment.start + segment.count]  # flat indices
+        pool = flat[filtered].float()
         chosen = []
-        shares = allocate_budget([n - salient_count[f] for f in anchors], context)
-        for f, share in zip(anchors, shares, strict=True):
-            candidates = f * n + (~salient[f]).nonzero().squeeze(1)
+        for start, count, share in segment.anchors:
             if share == 0:
                 continue
-            picked = candidates[topk_mask(density_scores(flat[candidates], knn, gen), share)]
-            values[picked] = merge_into_anchors(flat[picked], flat[filtered], beta)
+            candidates = filtered_order[start : start + count]
+            top = torch.sort(density_scores(flat[candidates], knn, gen), descending=True, stable=True).indices
+            picked = candidates[top[:share].sort().values]  # raster order
+            merges.append((picked, merge_into_anchors(flat[picked].float(), pool, beta)))
             chosen.append(picked)
         if not chosen:  # no context budget in this segment: the filtered tokens are pruned
             rep[filtered], dropped[filtered] = -1, True
             continue
         chosen_t = torch.cat(chosen)
-        rep[filtered] = chosen_t[(unit[filtered] @ unit[chosen_t].T).argmax(-1)]
+        similarity = F.normalize(pool, dim=-1) @ F.normalize(flat[chosen_t].float(), dim=-1).T
+        rep[filtered] = chosen_t[similarity.argmax(-1)]
         rep[chosen_t] = chosen_t
-    is_rep = (rep == torch.arange(t * n)) & ~dropped
-    return assemble(features, rep.view(t, n), dropped.view(t, n), grid_hw, values=values[is_rep],
-                    segments=segments)
+    is_rep = (rep == torch.arange(t * n, device=device)) & ~dropped
+    slot = is_rep.cumsum(0) - 1
+    values = flat[is_rep]  # representatives in output order (one host sync)
+    if merges:
+        picked, merged = (torch.cat(parts) for parts in zip(*merges, strict=True))
+        values[slot[picked]] = merged.to(values.dtype)
+    return assemble(features, rep.view(t, n), dropped.view(t, n), grid_hw, values=values, segments=segments)
 
 
 METHOD = Method("fastvid", PAPER, (PRE_LLM,), fastvid, DEFAULTS)

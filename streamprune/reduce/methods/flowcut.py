@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from streamprune.reduce.methods.base import PRE_LLM, Method, check_inputs, frame_quotas, keep_only, topk_mask
+from streamprune.reduce.methods.base import PRE_LLM, Method, check_inputs, frame_quotas, keep_only, quota_topk
 from streamprune.tokens import VisualTokens
 
 PAPER = ("Tong et al., FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language "
@@ -45,54 +45,71 @@ DEFAULTS = {"ema": 0.5, "prune_every": 2}
 
 
 def semantic_flow(features: torch.Tensor) -> torch.Tensor:
-    """Softmax over tokens of ⟨x̄, x_j⟩/√D, the mean token standing in for [CLS]. features: [N, D] → [N]."""
+    """Softmax over tokens of ⟨x̄, x_j⟩/√D, the frame's mean token standing in for [CLS].
+    features: [..., N, D] → [..., N]."""
     x = features.float()
-    return torch.softmax(x @ x.mean(0) / math.sqrt(x.shape[1]), dim=0)
+    return torch.softmax((x @ x.mean(-2, keepdim=True).mT)[..., 0] / math.sqrt(x.shape[-1]), dim=-1)
 
 
-def flow_score(attention: torch.Tensor, semantic: torch.Tensor, value_norm: torch.Tensor) -> torch.Tensor:
-    """One layer's FlowCut score (a/Σa + σ/Σσ)·‖v‖₁ over the current tokens. All [n] → [n]."""
+def flow_score(attention: torch.Tensor, semantic: torch.Tensor, value_norm: torch.Tensor,
+               alive: torch.Tensor | None = None) -> torch.Tensor:
+    """One layer's FlowCut score (a/Σa + σ/Σσ)·‖v‖₁ over the current tokens. All [..., n] → [..., n].
+
+    alive: optional [..., n] bool, the current tokens; the shares are taken over them alone (the other
+    entries' scores are meaningless)."""
     a, s = attention.float().clamp_min(0), semantic.float()
-    return (a / a.sum().clamp_min(1e-12) + s / s.sum().clamp_min(1e-12)) * value_norm
+    if alive is not None:
+        a, s = a.masked_fill(~alive, 0), s.masked_fill(~alive, 0)
+    return (a / a.sum(-1, keepdim=True).clamp_min(1e-12) + s / s.sum(-1, keepdim=True).clamp_min(1e-12)) * value_norm
 
 
-def adaptive_prune_count(attention: torch.Tensor, remaining: int, target: int) -> int:
-    """Tokens to cut now: (n − target)/√remaining · (1 − (H/H_max)²). attention: [n] over the current tokens;
-    remaining: layers left to the select layer (> 0)."""
-    n = attention.shape[0]
-    if n <= 1:
-        return 0
+def adaptive_prune_count(attention: torch.Tensor, remaining: int, target: int | torch.Tensor,
+                         alive: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens to cut now: round((n − target)/√remaining · (1 − (H/H_max)²)), 0 when n ≤ 1.
+
+    attention: [..., N]; remaining: layers left to the select layer (> 0); target: int or [...] long;
+    alive: optional [..., N] bool, the n current tokens (default: all). H is the entropy of the attention
+    renormalised over the current tokens, H_max = log n. Returns [...] long."""
     p = attention.float().clamp_min(0)
-    p = p / p.sum().clamp_min(1e-12)
-    ratio = float(-torch.special.xlogy(p, p).sum()) / math.log(n)
-    return round((n - target) / math.sqrt(remaining) * (1 - ratio**2))
+    if alive is None:
+        alive = torch.ones_like(p, dtype=torch.bool)
+    p = p.masked_fill(~alive, 0)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+    n = alive.sum(-1)
+    ratio = -torch.special.xlogy(p, p).sum(-1).double() / n.double().log()  # float64, as Python floats
+    count = torch.round((n - target).double() / math.sqrt(remaining) * (1 - ratio**2)).long()
+    return torch.where(n > 1, count, 0)
 
 
-def flowcut_frame(features: torch.Tensor, layers: torch.Tensor, q: int, ema: float = DEFAULTS["ema"],
-                  prune_every: int = DEFAULTS["prune_every"]) -> torch.Tensor:
-    """One frame. features: [N, D]; layers: [Lv, N] attention per layer, the last the select layer.
-    Returns keep [N] bool with exactly min(q, N) True."""
-    n = features.shape[0]
-    keep = torch.zeros(n, dtype=torch.bool)
-    if q >= n:
-        return ~keep
-    semantic, value_norm = semantic_flow(features), features.float().abs().sum(-1)
-    alive = torch.arange(n)  # surviving token positions, in order
+def flowcut_keep(features: torch.Tensor, layers: torch.Tensor, quotas: torch.Tensor, ema: float = DEFAULTS["ema"],
+                 prune_every: int = DEFAULTS["prune_every"]) -> torch.Tensor:
+    """Every frame's FlowCut, in step over the layers. features: [T, N, D]; layers: [T, Lv, N] attention per
+    layer, the last the select layer; quotas: [T] long. Returns keep [T, N] bool with exactly min(quota, N)
+    True per frame.
+
+    The surviving tokens are a mask (None until the first cut): a cut keeps, per frame, the top
+    max(n − cut, quota) by the accumulated score among the survivors (a frame already at its quota keeps them
+    all); the select layer's cut keeps exactly the quota."""
+    x = features.float()
+    semantic, value_norm = semantic_flow(x), x.abs().sum(-1)  # [T, N] each
+    alive = None
     cumulative = None
-    depth = layers.shape[0]
+    depth = layers.shape[1]
     for layer in range(depth):
-        if len(alive) <= q:
-            break
-        score = flow_score(layers[layer, alive], semantic[alive], value_norm[alive])
+        attention = layers[:, layer]
+        score = flow_score(attention, semantic, value_norm, alive)
         cumulative = score if cumulative is None else ema * cumulative + (1 - ema) * score
         remaining = depth - 1 - layer
         if remaining % prune_every:
             continue
-        cut = adaptive_prune_count(layers[layer, alive], remaining, q) if remaining else len(alive)
-        survivors = topk_mask(cumulative, max(len(alive) - cut, q))  # mask keeps the original order
-        alive, cumulative = alive[survivors], cumulative[survivors]
-    keep[alive] = True
-    return keep
+        keep_count = quotas  # the select layer; cuts never go below the quota, so n ≥ quota
+        if remaining:
+            n_alive = torch.full_like(quotas, layers.shape[2]) if alive is None else alive.sum(-1)
+            cut = adaptive_prune_count(attention, remaining, quotas, alive)
+            keep_count = torch.minimum(n_alive, torch.maximum(n_alive - cut, quotas))
+        candidates = cumulative if alive is None else cumulative.masked_fill(~alive, float("-inf"))
+        alive = quota_topk(candidates, keep_count)  # a mask: keeps the original order
+    return alive
 
 
 def flowcut_reduce(features: torch.Tensor, attention: torch.Tensor, grid_hw: tuple[int, int], retain: float,
@@ -110,14 +127,12 @@ def flowcut_reduce(features: torch.Tensor, attention: torch.Tensor, grid_hw: tup
         raise ValueError("flowcut needs the attention map")
     layers = attention[:, None]
     if layer_attention is not None:
-        if layer_attention.dim() != 3 or layer_attention.shape[0] != t or layer_attention.shape[2] != n:
+        if (layer_attention.dim() != 3 or layer_attention.shape[0] != t or layer_attention.shape[1] == 0
+                or layer_attention.shape[2] != n):
             raise ValueError(f"layer_attention must be [{t}, Lv, {n}], got {tuple(layer_attention.shape)}")
         layers = layer_attention
-    keep = torch.zeros(t, n, dtype=torch.bool)
-    for f, q in enumerate(frame_quotas(retain, t, n)):
-        if q:
-            keep[f] = flowcut_frame(features[f], layers[f], q, ema, prune_every)
-    return keep_only(features, keep, grid_hw)
+    quotas = torch.tensor(frame_quotas(retain, t, n), device=features.device)
+    return keep_only(features, flowcut_keep(features, layers, quotas, ema, prune_every), grid_hw)
 
 
 METHOD = Method("flowcut", PAPER, (PRE_LLM,), flowcut_reduce, DEFAULTS, proportional=False)

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import torch
 
-from streamprune.reduce.methods.base import PRE_LLM, Method, check_inputs, frame_quotas, keep_only, topk_mask
+from streamprune.reduce.holitom import host_ints
+from streamprune.reduce.methods.base import PRE_LLM, Method, check_inputs, frame_quotas, keep_only, quota_topk
 from streamprune.tokens import VisualTokens
 
 PAPER = ("Liu, Du, Zhu, Lian, Li, Chen, HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention "
@@ -69,14 +70,32 @@ def hiprune_frame(object_attn: torch.Tensor, deep_attn: torch.Tensor, grid_hw: t
                   alpha: float = DEFAULTS["alpha"]) -> torch.Tensor:
     """One frame. object_attn, deep_attn: [N] attention received in the object / deep layer. Returns keep [N]
     bool with exactly q True: anchors, their buffers, then registers."""
-    n = object_attn.shape[0]
-    keep = torch.zeros(n, dtype=torch.bool)
-    anchors = topk_mask(object_attn, anchor_count(q, alpha)).nonzero().squeeze(1)
-    keep[anchors] = True
-    keep[grid_neighbours(anchors, grid_hw)] = True
-    if int(keep.sum()) > q:  # too many buffers for the quota: the most object-attended first
-        keep = topk_mask(object_attn.float().masked_fill(~keep, float("-inf")), q)
-    registers = topk_mask(deep_attn.float().masked_fill(keep, float("-inf")), q - int(keep.sum()))
+    return hiprune_keep(object_attn[None], deep_attn[None], grid_hw, [q], alpha)[0]
+
+
+def hiprune_keep(object_map: torch.Tensor, deep_map: torch.Tensor, grid_hw: tuple[int, int], quotas: list[int],
+                 alpha: float = DEFAULTS["alpha"]) -> torch.Tensor:
+    """All frames at once. object_map, deep_map: [T, N] attention received in the object / deep layer; quotas:
+    T ints. Returns keep [T, N] bool with quotas[t] True per frame: anchors, their buffers, then registers
+    (every top-k breaks ties towards the earlier position)."""
+    t, n = object_map.shape
+    h, w = grid_hw
+    device = object_map.device
+    quota = host_ints(quotas, device)
+    anchors = quota_topk(object_map, host_ints([anchor_count(q, alpha) for q in quotas], device))
+    # buffers: the anchors' up/down/left/right neighbours, as shifted copies of the anchor grid
+    grid = anchors.view(t, h, w)
+    keep = grid.clone()
+    keep[:, 1:] |= grid[:, :-1]
+    keep[:, :-1] |= grid[:, 1:]
+    keep[:, :, 1:] |= grid[:, :, :-1]
+    keep[:, :, :-1] |= grid[:, :, 1:]
+    keep = keep.view(t, n)
+    # too many buffers for the quota: the most object-attended of anchors and buffers first
+    over = keep.sum(1) > quota
+    trimmed = quota_topk(object_map.float().masked_fill(~keep, float("-inf")), quota)
+    keep = torch.where(over[:, None], trimmed, keep)
+    registers = quota_topk(deep_map.float().masked_fill(keep, float("-inf")), quota - keep.sum(1))
     return keep | registers
 
 
@@ -104,10 +123,8 @@ def hiprune_reduce(features: torch.Tensor, attention: torch.Tensor, grid_hw: tup
         if not 1 <= layer <= depth:
             raise ValueError(f"object_layer must be in [1, {depth}], got {layer}")
         object_map, deep_map = layer_attention[:, layer - 1], layer_attention[:, -1]
-    keep = torch.zeros(t, n, dtype=torch.bool)
-    for f, q in enumerate(frame_quotas(retain, t, n)):
-        keep[f] = hiprune_frame(object_map[f], deep_map[f], grid_hw, q, alpha)
-    return keep_only(features, keep, grid_hw)
+    return keep_only(features, hiprune_keep(object_map, deep_map, grid_hw, frame_quotas(retain, t, n), alpha),
+                     grid_hw)
 
 
 METHOD = Method("hiprune", PAPER, (PRE_LLM,), hiprune_reduce, DEFAULTS, proportional=False)

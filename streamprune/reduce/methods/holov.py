@@ -26,11 +26,13 @@ attention each token received in the last used layer (the `attention` map).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamprune.reduce.methods.base import PRE_LLM, Method, check_inputs, frame_quotas, keep_only, topk_mask
-from streamprune.reduce.methods.uniform import pooling_cells
+from streamprune.reduce.holitom import host_ints
+from streamprune.reduce.methods.base import PRE_LLM, Method, check_inputs, frame_quotas, keep_only, quota_topk
+from streamprune.reduce.methods.uniform import _cells, pooling_cells
 from streamprune.tokens import VisualTokens
 
 PAPER = ("Zou et al., Don't Just Chase \"Highlighted Tokens\" in MLLMs: Revisiting Visual Holistic Context "
@@ -39,36 +41,38 @@ DEFAULTS = {"crops": 4, "diversity": 0.5}
 
 
 def _share(x: torch.Tensor) -> torch.Tensor:
-    """x / Σx for x ≥ 0 (uniform when the sum is 0)."""
+    """x / Σx along the last dim for x ≥ 0 (uniform when the sum is 0), in float32."""
     x = x.float().clamp_min(0)
-    total = x.sum()
-    return x / total if total > 0 else torch.full_like(x, 1.0 / len(x))
+    total = x.sum(-1, keepdim=True)
+    return torch.where(total > 0, x / total, 1.0 / x.shape[-1])
 
 
 def crop_diversity(features: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
     """1 − mean cosine similarity of each token to the other tokens of its crop.
 
-    features: [N, D]; crop: [N] long crop ids. Returns [N] in [0, 2] (1 for a token alone in its crop).
+    features: [..., N, D] (one frame or a batch of frames); crop: [N] long crop ids. Returns [..., N] in
+    [0, 2] (1 for a token alone in its crop).
     """
-    sim = F.normalize(features.float(), dim=-1) @ F.normalize(features.float(), dim=-1).T
+    unit = F.normalize(features.float(), dim=-1)
+    sim = unit @ unit.transpose(-1, -2)  # [..., N, N]
     same = (crop[:, None] == crop[None, :]).fill_diagonal_(False)
     others = same.sum(1)
-    mean_sim = (sim * same).sum(1) / others.clamp(min=1)
+    mean_sim = (sim * same).sum(-1) / others.clamp(min=1)
     return torch.where(others > 0, 1.0 - mean_sim, torch.ones_like(mean_sim))
 
 
 def holistic_score(features: torch.Tensor, attention: torch.Tensor, crop: torch.Tensor,
                    diversity: float = DEFAULTS["diversity"]) -> torch.Tensor:
-    """h = (1 − λ)·attention share + λ·diversity share, both over the frame. features: [N, D]; attention,
-    crop: [N]. Returns [N], summing to 1."""
+    """h = (1 − λ)·attention share + λ·diversity share, both over the frame. features: [..., N, D]; attention:
+    [..., N]; crop: [N]. Returns [..., N], summing to 1 over each frame."""
     return (1 - diversity) * _share(attention) + diversity * _share(crop_diversity(features, crop))
 
 
 def crop_quotas(weights: torch.Tensor, sizes: torch.Tensor, q: int) -> list[int]:
     """Split q tokens over crops. weights, sizes: [C]. One per (non-empty) crop first when q ≥ C, the rest in
     proportion to the weights by largest remainder, each crop at most its size; what a full crop cannot
-    take goes to the others."""
-    quota = torch.zeros(len(sizes), dtype=torch.long)
+    take goes to the others. Host bookkeeping: pass CPU tensors (it reads values back while it loops)."""
+    quota = torch.zeros(len(sizes), dtype=torch.long, device=sizes.device)
     if q >= len(sizes):
         quota = sizes.clamp(max=1).long()
     left = q - int(quota.sum())
@@ -87,19 +91,35 @@ def crop_quotas(weights: torch.Tensor, sizes: torch.Tensor, q: int) -> list[int]
     return quota.tolist()
 
 
+def holov_keep(features: torch.Tensor, attention: torch.Tensor, grid_hw: tuple[int, int], quotas: list[int],
+               crops: int = DEFAULTS["crops"], diversity: float = DEFAULTS["diversity"]) -> torch.Tensor:
+    """All frames at once. features: [T, N, D]; attention: [T, N]; quotas: T ints. Returns keep [T, N] bool
+    with quotas[t] True per frame.
+
+    The scores and per-crop weights are computed on the device for every frame together; only the [T, C]
+    crop weights come to the host, once, for the crop budgets (a small loop per frame), and the per-crop
+    budgets go back in one copy. Each crop then keeps its top tokens in one sort over [T·C, N].
+    """
+    t, n = attention.shape
+    device = features.device
+    crop = pooling_cells(grid_hw, crops, device)
+    score = holistic_score(features, attention, crop, diversity)  # [T, N]
+    n_crops = int(_cells(grid_hw, crops).max()) + 1
+    weights = torch.zeros(t, n_crops, device=device).index_add_(1, crop, score).cpu()
+    sizes = torch.from_numpy(np.bincount(_cells(grid_hw, crops), minlength=n_crops))
+    budgets = host_ints([crop_quotas(weights[f], sizes, q) if q else [0] * n_crops
+                         for f, q in enumerate(quotas)], device)  # [T, C]
+    # per (frame, crop): its own tokens' scores, the rest −inf; top budgets[t, c] of each row
+    in_crop = crop[None, :] == torch.arange(n_crops, device=device)[:, None]  # [C, N]
+    per_crop = score[:, None, :].masked_fill(~in_crop, float("-inf"))  # [T, C, N]
+    keep = quota_topk(per_crop.reshape(t * n_crops, n), budgets.flatten()).view(t, n_crops, n)
+    return keep.any(1)
+
+
 def holov_frame(features: torch.Tensor, attention: torch.Tensor, grid_hw: tuple[int, int], q: int,
                 crops: int = DEFAULTS["crops"], diversity: float = DEFAULTS["diversity"]) -> torch.Tensor:
     """One frame. features: [N, D]; attention: [N]. Returns keep [N] bool with exactly q True."""
-    crop = pooling_cells(grid_hw, crops)
-    score = holistic_score(features, attention, crop, diversity)
-    n_crops = int(crop.max()) + 1
-    sizes = torch.bincount(crop, minlength=n_crops)
-    weights = torch.zeros(n_crops).index_add_(0, crop, score)
-    keep = torch.zeros(len(crop), dtype=torch.bool)
-    for c, k in enumerate(crop_quotas(weights, sizes, q)):
-        members = (crop == c).nonzero().squeeze(1)
-        keep[members[topk_mask(score[members], k)]] = True
-    return keep
+    return holov_keep(features[None], attention[None], grid_hw, [q], crops, diversity)[0]
 
 
 def holov_reduce(features: torch.Tensor, attention: torch.Tensor, grid_hw: tuple[int, int], retain: float,
@@ -116,11 +136,8 @@ def holov_reduce(features: torch.Tensor, attention: torch.Tensor, grid_hw: tuple
         raise ValueError("holov needs the attention map")
     if grid_hw[0] * grid_hw[1] != n:
         raise ValueError(f"grid {grid_hw} does not hold {n} tokens")
-    keep = torch.zeros(t, n, dtype=torch.bool)
-    for f, q in enumerate(frame_quotas(retain, t, n)):
-        if q:
-            keep[f] = holov_frame(features[f], attention[f], grid_hw, q, crops, diversity)
-    return keep_only(features, keep, grid_hw)
+    return keep_only(features, holov_keep(features, attention, grid_hw, frame_quotas(retain, t, n), crops,
+                                          diversity), grid_hw)
 
 
 METHOD = Method("holov", PAPER, (PRE_LLM,), holov_reduce, DEFAULTS, proportional=False)

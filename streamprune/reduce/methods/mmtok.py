@@ -39,38 +39,42 @@ DEFAULTS = {"alpha": 0.5, "tv_temperature": 0.02, "vv_temperature": 0.2}
 def coverage_matrix(vision: torch.Tensor, text: torch.Tensor | None, alpha: float = DEFAULTS["alpha"],
                     tv_temperature: float = DEFAULTS["tv_temperature"],
                     vv_temperature: float = DEFAULTS["vv_temperature"]) -> torch.Tensor:
-    """Rows to cover × candidate visual tokens.
+    """Rows to cover × candidate visual tokens, for each frame.
 
-    vision: [n, D]; text: [L, D] or None. Returns [L + n, n] float32 = [P; α·Q] (just Q without text, where α
-    would only rescale the objective).
+    vision: [..., n, D]; text: [L, D] or None. Returns [..., L + n, n] float32 = [P; α·Q] (just Q without
+    text, where α would only rescale the objective).
     """
     v = F.normalize(vision.float(), dim=-1)
-    q = F.softmax(v @ v.T / vv_temperature, dim=1) / v.shape[0]
+    q = F.softmax(v @ v.mT / vv_temperature, dim=-1) / v.shape[-2]
     if text is None or text.shape[0] == 0:
         return q
     z = F.normalize(text.float(), dim=-1)
-    p = F.softmax(z @ v.T / tv_temperature, dim=1) / z.shape[0]
-    return torch.cat([p, alpha * q])
+    p = F.softmax(z @ v.mT / tv_temperature, dim=-1) / z.shape[0]
+    return torch.cat([p, alpha * q], dim=-2)
 
 
 def coverage_greedy(cover: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy maximum coverage. cover: [R, n] how well each candidate (column) covers each row.
+    """Greedy maximum coverage, every frame in step. cover: [..., R, n] how well each candidate (column)
+    covers each row.
 
-    Returns [k] long picks in selection order; each maximises Σ_r max(0, cover[r, j] − best[r]) over the
-    unpicked j (ties to the earlier index).
+    Returns [..., min(k, n)] long picks in selection order; each maximises Σ_r max(0, cover[r, j] − best[r])
+    over the unpicked j (ties to the earlier index). A frame with a smaller quota takes a prefix: greedy
+    picks never depend on later ones.
     """
-    n = cover.shape[1]
-    k = min(k, n)
-    best = torch.zeros(cover.shape[0])
-    blocked = torch.zeros(n)
-    order = torch.empty(k, dtype=torch.long)
-    for i in range(k):
-        gain = (cover - best[:, None]).clamp_min(0).sum(0) + blocked
-        j = int(gain.argmax())
-        order[i] = j
-        best = torch.maximum(best, cover[:, j])
-        blocked[j] = float("-inf")
-    return order
+    n = cover.shape[-1]
+    best = cover.new_zeros(cover.shape[:-1])  # [..., R] each row's coverage so far
+    blocked = cover.new_zeros(cover.shape[:-2] + (n,))  # −inf once picked
+    picks = []
+    excess = torch.empty_like(cover)  # reused every step
+    for _ in range(min(k, n)):
+        gain = torch.sub(cover, best[..., None], out=excess).clamp_min_(0).sum(-2) + blocked
+        j = gain.argmax(-1, keepdim=True)  # [..., 1], stays on the device
+        picks.append(j)
+        best = torch.maximum(best, cover.gather(-1, j[..., None, :].expand(*best.shape, 1)).squeeze(-1))
+        blocked.scatter_(-1, j, float("-inf"))
+    if not picks:
+        return torch.empty(cover.shape[:-2] + (0,), dtype=torch.long, device=cover.device)
+    return torch.cat(picks, dim=-1)
 
 
 def mmtok_reduce(features: torch.Tensor, attention: torch.Tensor | None, grid_hw: tuple[int, int], retain: float,
@@ -81,16 +85,18 @@ def mmtok_reduce(features: torch.Tensor, attention: torch.Tensor | None, grid_hw
     prompt's text tokens plus α times coverage of the frame's visual tokens (softmax-of-cosine facility
     location); without text, visual coverage only. The rest are dropped. Ignores attention.
 
-    features: [T, N, D]; text: [L, D] prompt embeddings in the same space, or None.
+    features: [T, N, D]; text: [L, D] prompt embeddings in the same space, or None. All frames run the greedy
+    together for the largest quota; each keeps the first picks its own quota allows.
     """
     t, n = check_inputs(features, attention, retain)
     if text is not None and (text.dim() != 2 or text.shape[1] != features.shape[2]):
         raise ValueError(f"text must be [L, {features.shape[2]}], got {tuple(text.shape)}")
-    keep = torch.zeros(t, n, dtype=torch.bool)
-    for f, q in enumerate(frame_quotas(retain, t, n)):
-        if q:
-            cover = coverage_matrix(features[f], text, alpha, tv_temperature, vv_temperature)
-            keep[f, coverage_greedy(cover, q)] = True
+    quotas = frame_quotas(retain, t, n)
+    cover = coverage_matrix(features, text, alpha, tv_temperature, vv_temperature)  # [T, L + N, N]
+    picks = coverage_greedy(cover, max(quotas))  # [T, max quota]
+    rank = torch.arange(picks.shape[1], device=features.device)
+    within_quota = rank[None, :] < torch.tensor(quotas, device=features.device)[:, None]
+    keep = torch.zeros(t, n, dtype=torch.bool, device=features.device).scatter_(1, picks, within_quota)
     return keep_only(features, keep, grid_hw)
 
 

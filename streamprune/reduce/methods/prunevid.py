@@ -36,10 +36,13 @@ gives (LLaVA-OneVision's projected SigLIP tokens, ...). Density ties are broken 
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamprune.reduce.holitom import allocate_budget, dpc_knn
+from streamprune.reduce.holitom import allocate_budget, dpc_knn, host_ints
 from streamprune.reduce.methods.base import INNER, PRE_LLM, Method, assemble, check_inputs, video_budget
 from streamprune.tokens import VisualTokens
 
@@ -55,8 +58,35 @@ def dpc_clusters(x: torch.Tensor, num_centres: int, k: int,
     0..num_centres−1). Every row takes its nearest centre (Euclidean), a centre its own label."""
     centres, dist = dpc_knn(x, num_centres, k=min(k, x.shape[0]), seed=seed)
     labels = dist[:, centres].argmin(-1)
-    labels[centres] = torch.arange(len(centres))
+    labels[centres] = torch.arange(len(centres), device=x.device)
     return centres, labels
+
+
+def dpc_centre_of(x: torch.Tensor, num_centres: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """`dpc_clusters` of B same-size groups at once (one frame's dynamic tokens each), with its own number of
+    centres per group. x: [B, m, D]; num_centres: [B] long in 1..m. Returns [B, m] long: the row of each
+    token's centre within its group.
+
+    The same computation as `dpc_knn` per group (same distances, same seeded noise), batched: centres are the
+    top num_centres[b] of ρ·δ (ties to the earlier row), taken from one sort of all groups."""
+    b, m, d = x.shape
+    dist = torch.cdist(x.float(), x.float()) / math.sqrt(d)  # [B, m, m]
+    nearest = dist.topk(max(1, min(k, m)), dim=-1, largest=False).values
+    density = (-(nearest**2).mean(-1)).exp()
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    density = density + torch.rand(m, generator=gen, dtype=density.dtype, device=x.device) * 1e-6
+    denser = density[:, None, :] > density[:, :, None]  # [b, i, j]: j is denser than i
+    separation = torch.where(denser, dist, dist.amax((1, 2), keepdim=True)).min(-1).values
+    order = torch.sort(separation * density, dim=-1, descending=True, stable=True).indices
+    width = torch.arange(m, device=x.device)
+    is_centre = width[None, :] < num_centres[:, None]  # [B, m] by rank
+    centres = torch.where(is_centre, order, m).sort(-1).values.clamp(max=m - 1)  # ascending, padding last
+    to_centre = dist.gather(2, centres[:, None, :].expand(b, m, m)).masked_fill(~is_centre[:, None, :], float("inf"))
+    labels = to_centre.argmin(-1)  # [B, m] rank of the nearest centre
+    # a centre takes its own label; padding ranks write into a spare column that is cut off
+    slots = torch.where(is_centre, centres, m)
+    labels = torch.cat([labels, labels.new_zeros(b, 1)], 1).scatter_(1, slots, width.expand(b, m))[:, :m]
+    return centres.gather(1, labels)
 
 
 def runs(labels: list[int]) -> list[tuple[int, int, int]]:
@@ -151,15 +181,20 @@ def prunevid(features: torch.Tensor, attention: torch.Tensor | None, grid_hw: tu
     token, and clusters static and per-frame dynamic tokens by DPC-KNN (cluster mean) down to the budget.
 
     features: [T, N, D]; attention unused. Returns exactly round(retain·T·N) tokens (module docstring).
+
+    Host round trips: the frame labels (segmentation) and the [W, N] static scores (budget split) come to the
+    host once each; the part layout goes back in one copy. Each window's static part is clustered on its own,
+    its frames' dynamic parts together (`dpc_centre_of`).
     """
     t, n = check_inputs(features, attention, retain)
+    device = features.device
     budget = video_budget(retain, t, n)
-    x = features.float()
-    windows = temporal_windows(x, temporal_ratio, knn, seed)
+    windows = temporal_windows(features, temporal_ratio, knn, seed)
 
     # static positions per window, then put the least static back until the temporal merge leaves ≥ budget
-    no_static = torch.full((n,), float("-inf"))  # a one-frame window has nothing to merge over time
-    scores = [window_static_score(x[s : e + 1]) if e > s else no_static for s, e in windows]
+    no_static = torch.full((n,), float("-inf"), device=device)  # a one-frame window has nothing to merge over time
+    scores = torch.stack([window_static_score(features[s : e + 1]) if e > s else no_static
+                          for s, e in windows]).cpu()
     static = [score > tau for score in scores]
     after_temporal = t * n - sum((e - s) * int(m.sum()) for (s, e), m in zip(windows, static, strict=True))
     if after_temporal < budget:
@@ -171,31 +206,57 @@ def prunevid(features: torch.Tensor, attention: torch.Tensor | None, grid_hw: tu
             static[w][p] = False
             after_temporal += windows[w][1] - windows[w][0]
 
-    # parts sharing the budget: (first frame, frames covered, positions, values [size, D])
-    parts: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
-    for (s, e), mask in zip(windows, static, strict=True):
-        if mask.any():
-            pos = mask.nonzero().squeeze(1)
-            parts.append((s, e - s + 1, pos, x[s : e + 1, pos].mean(0)))
-        dynamic = (~mask).nonzero().squeeze(1)
-        if len(dynamic):
-            parts.extend((f, 1, dynamic, x[f, dynamic]) for f in range(s, e + 1))
+    # parts sharing the budget, in order: per window its static part, then each frame's dynamic part
+    counts = [int(mask.sum()) for mask in static]
+    sizes: list[int] = []
+    for (s, e), count in zip(windows, counts, strict=True):
+        sizes += ([count] if count else []) + ([n - count] * (e - s + 1) if count < n else [])
+    quotas = iter(part_quotas(sizes, budget, small_part))
+    plan = [(next(quotas) if count else 0, [next(quotas) for _ in range(s, e + 1)] if count < n else [])
+            for (s, e), count in zip(windows, counts, strict=True)]
+    # one copy to the device: per window its static positions then its dynamic ones, then the cluster counts
+    order = torch.cat([torch.sort(~m, stable=True).indices for m in static]).numpy()
+    clusters = [q for static_quota, frame_quotas in plan for q in [static_quota, *frame_quotas]]
+    layout = host_ints(np.concatenate([order, [min(max(q, 1), n) for q in clusters]]), device)
+    order, clusters = layout[: len(order)], layout[len(order) :]
 
-    rep = torch.full((t, n), -1, dtype=torch.long)
-    dropped = torch.zeros(t, n, dtype=torch.bool)
-    quotas = part_quotas([len(p[2]) for p in parts], budget, small_part)
-    for (first, frames, pos, values), quota in zip(parts, quotas, strict=True):
-        if quota == 0:
-            dropped[first : first + frames, pos] = True
-            continue
-        if quota >= len(pos):
-            centre_of = torch.arange(len(pos))
-        else:
-            centres, labels = dpc_clusters(values, quota, knn, seed)
-            centre_of = centres[labels]
-        # every token of the part points at its cluster centre's token in the part's first frame
-        rep[first : first + frames, pos] = first * n + pos[centre_of]
+    rep = torch.full((t, n), -1, dtype=torch.long, device=device)
+    dropped = torch.zeros(t, n, dtype=torch.bool, device=device)
+    offset = 0  # into `clusters`
+    for w, ((s, e), count, (static_quota, frame_quotas)) in enumerate(zip(windows, counts, plan, strict=True)):
+        static_pos, dynamic_pos = order[w * n : w * n + count], order[w * n + count : (w + 1) * n]
+        if count and static_quota == 0:
+            dropped[s : e + 1, static_pos] = True
+        elif count:  # the window's static part: temporal means, clustered
+            means = features[s : e + 1, static_pos].float().mean(0)
+            centre_of = _cluster(means[None], [static_quota], clusters[offset : offset + 1], knn, seed)[0]
+            rep[s : e + 1, static_pos] = s * n + static_pos[centre_of]
+        offset += 1
+        if frame_quotas:  # each frame's dynamic part, clustered on its own (all frames in one batch)
+            values = features[s : e + 1, dynamic_pos].float()
+            centre_of = _cluster(values, frame_quotas, clusters[offset : offset + len(frame_quotas)], knn, seed)
+            frames = torch.arange(s, e + 1, device=device)[:, None]
+            rep[s : e + 1, dynamic_pos] = frames * n + dynamic_pos[centre_of]
+            for f, quota in zip(range(s, e + 1), frame_quotas, strict=True):
+                if quota == 0:  # a part whose share is 0 is dropped
+                    rep[f, dynamic_pos], dropped[f, dynamic_pos] = -1, True
+            offset += len(frame_quotas)
     return assemble(features, rep, dropped, grid_hw, segments=windows, after_temporal=after_temporal)
+
+
+def _cluster(values: torch.Tensor, quotas: list[int], centres: torch.Tensor, knn: int, seed: int) -> torch.Tensor:
+    """Each token's cluster centre (row index) for B groups values [B, m, D]: DPC-KNN with quotas[b] centres
+    where 0 < quota < m, the token itself otherwise (a part that fits whole; one with quota 0 is dropped by
+    the caller). quotas: B host ints; centres: the same on the device, clamped to 1..m."""
+    b, m, _ = values.shape
+    own = torch.arange(m, device=values.device).expand(b, m)
+    clustered = [0 < q < m for q in quotas]
+    if not any(clustered):
+        return own
+    centre_of = dpc_centre_of(values, centres.clamp(max=m), knn, seed)
+    if all(clustered):
+        return centre_of
+    return torch.where(host_ints(clustered, values.device)[:, None].bool(), centre_of, own)
 
 
 def prunevid_share(retain: float, inner_keep: float = DEFAULTS["inner_keep"], **_: object) -> float:

@@ -14,11 +14,14 @@ DEFAULTS = {"seed": 0}
 def random_reduce(features: torch.Tensor, attention: torch.Tensor | None, grid_hw: tuple[int, int], retain: float,
                   seed: int = DEFAULTS["seed"], **_: object) -> VisualTokens:
     """Keeps a seeded uniform random sample of round(retain·T·N) tokens over the whole video; the rest are
-    dropped. Reproducible for a given seed."""
+    dropped. Reproducible for a given seed.
+
+    The sample is drawn on the features' device, so a CUDA run draws another sample than a CPU run."""
     t, n = check_inputs(features, attention, retain)
-    gen = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(t * n, generator=gen)[: video_budget(retain, t, n)]
-    keep = torch.zeros(t * n, dtype=torch.bool)
+    device = features.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    chosen = torch.randperm(t * n, generator=gen, device=device)[: video_budget(retain, t, n)]
+    keep = torch.zeros(t * n, dtype=torch.bool, device=device)
     keep[chosen] = True
     return keep_only(features, keep.view(t, n), grid_hw)
 

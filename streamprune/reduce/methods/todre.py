@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from streamprune.reduce.methods.base import INNER, PRE_LLM, Method, check_inputs, keep_only, video_budget
-from streamprune.reduce.methods.divprune import cosine_distance, max_min_order
+from streamprune.reduce.methods.divprune import cosine_distance, farthest_points
 from streamprune.tokens import VisualTokens
 
 PAPER = ("Li, Yang, Lu, ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient Large "
@@ -41,18 +41,19 @@ PAPER = ("Li, Yang, Lu, ToDRE: Visual Token Pruning via Diversity and Task Aware
 DEFAULTS = {"inner_layer": None, "inner_ratio": 1.0}
 
 
-def first_center(flat: torch.Tensor, attention: torch.Tensor | None) -> int:
+def first_center(flat: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
     """The k-center start. flat: [n, D]; attention: [n] or None. Highest attention received, else the token
-    least like the mean token."""
+    least like the mean token. Returns a 0-d long tensor on flat's device."""
     if attention is not None:
-        return int(attention.float().argmax())
+        return attention.float().argmax()
     mean = F.normalize(flat.float().mean(0), dim=0)
-    return int((F.normalize(flat.float(), dim=-1) @ mean).argmin())
+    return (F.normalize(flat.float(), dim=-1) @ mean).argmin()
 
 
-def k_center(flat: torch.Tensor, k: int, first: int) -> torch.Tensor:
+def k_center(flat: torch.Tensor, k: int, first: int | torch.Tensor) -> torch.Tensor:
     """Greedy k-center on cosine distance. flat: [n, D]. Returns [k] long centers in selection order."""
-    return max_min_order(cosine_distance(flat), k, first)
+    dist = cosine_distance(flat).fill_diagonal_(float("-inf"))  # its own matrix: no copy for the −inf diagonal
+    return farthest_points(dist, k, first)
 
 
 def todre_reduce(features: torch.Tensor, attention: torch.Tensor | None, grid_hw: tuple[int, int], retain: float,
@@ -67,8 +68,7 @@ def todre_reduce(features: torch.Tensor, attention: torch.Tensor | None, grid_hw
     flat = features.reshape(t * n, -1)
     start = first_center(flat, None if attention is None else attention.flatten())
     centers = k_center(flat, video_budget(retain, t, n), start)
-    keep = torch.zeros(t * n, dtype=torch.bool)
-    keep[centers] = True
+    keep = torch.zeros(t * n, dtype=torch.bool, device=features.device).index_fill_(0, centers, True)
     return keep_only(features, keep.view(t, n), grid_hw)
 
 

@@ -44,13 +44,13 @@ def gtp(metric: torch.Tensor, r: int, *, attention: torch.Tensor, position: torc
     regeneration = attention.diagonal(dim1=-2, dim2=-1).amax(1)  # [B, L]
     broadcasting = attention.sum(-2).amax(1)  # column sums: attention received
     propagated = (regeneration * broadcasting).topk(r, -1, largest=False).indices
-    removed = torch.zeros(b, length, dtype=torch.bool).scatter_(1, propagated, True)
+    removed = torch.zeros(b, length, dtype=torch.bool, device=metric.device).scatter_(1, propagated, True)
     graph = spatial_graph(position, grid) * (~removed)[:, :, None] * removed[:, None, :]  # kept ← propagated
     unit = F.normalize(metric.float(), dim=-1)
     similar = (unit @ unit.transpose(1, 2)).masked_fill(removed[:, None, :], -float("inf"))
     strongest = graph.transpose(1, 2)  # [B, propagated, kept]
     target = torch.where(strongest.amax(-1) > 0, strongest.argmax(-1), similar.argmax(-1))
-    step = route(removed, target)
+    step = route(removed, target, r)
     weights = graph.gather(1, step.kept[..., None].expand(-1, -1, length)) * alpha
     weights.scatter_(2, step.kept[..., None], 1.0)
     step.weights, step.normalize = weights, False

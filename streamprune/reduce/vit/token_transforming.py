@@ -31,11 +31,11 @@ def token_transforming(metric: torch.Tensor, r: int, *, attention: torch.Tensor,
     """Remove r tokens. metric [B, L, d] keys (head mean); attention [B, h, L, L]."""
     b, length, _ = metric.shape
     received = attention.mean(1).mean(-2)  # [B, L]
-    removed = torch.zeros(b, length, dtype=torch.bool)
+    removed = torch.zeros(b, length, dtype=torch.bool, device=metric.device)
     removed.scatter_(1, received.topk(r, -1, largest=False).indices, True)
     unit = F.normalize(metric.float(), dim=-1)
     similar = (unit @ unit.transpose(1, 2)).masked_fill(removed[:, None, :], -float("inf"))  # [B, L, L]: to kept
-    step = route(removed, similar.argmax(-1))
+    step = route(removed, similar.argmax(-1), r)
     kept_sim = similar.gather(2, step.kept[:, None, :].expand(-1, length, -1))  # [B, L, L'] token → kept token
     k = min(top_k, step.num_out)
     top = kept_sim.topk(k, -1)

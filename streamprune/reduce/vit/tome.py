@@ -27,11 +27,11 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> TokenTransform:
     scores = a @ bb.transpose(1, 2)  # [B, |A|, |B|]
     best, partner = scores.max(-1)  # each A token's most similar B token
     merged_a = best.argsort(-1, descending=True)[:, :r]  # [B, r] positions within A
-    removed = torch.zeros(b, length, dtype=torch.bool)
+    removed = torch.zeros(b, length, dtype=torch.bool, device=metric.device)
     removed.scatter_(1, 2 * merged_a, True)
-    target = torch.zeros(b, length, dtype=torch.long)
+    target = torch.zeros(b, length, dtype=torch.long, device=metric.device)
     target[:, ::2] = 2 * partner + 1  # A token i → its partner's input index
-    return route(removed, target)
+    return route(removed, target, r)
 
 
 def tome(metric: torch.Tensor, r: int, **_: object) -> TokenTransform:

@@ -38,7 +38,7 @@ class TokenState:
     """Tokens of a batch of frames inside the encoder.
 
     x:        [B, L, C] hidden states.
-    size:     [B, L] float, patches each token stands for (sums to the computed patches per frame).
+    size:     [B, L] float32, patches each token stands for (sums to the computed patches per frame).
     owner:    [B, P] long, the token accounting for each computed patch.
     position: [B, L] long, the grid position (0..N-1) of the patch each token continues.
     """
@@ -50,10 +50,13 @@ class TokenState:
 
     @classmethod
     def start(cls, x: torch.Tensor, positions: torch.Tensor | None = None) -> TokenState:
-        """One token per patch: x [B, P, C] of the patches at grid `positions` [P] (default 0..P-1)."""
+        """One token per patch: x [B, P, C] of the patches at grid `positions` [P] (default 0..P-1).
+
+        Sizes are float32 whatever x's dtype: they count patches, which bf16 cannot (257 is not a bf16)."""
         b, p, _ = x.shape
-        positions = torch.arange(p) if positions is None else positions
-        return cls(x, torch.ones(b, p, dtype=x.dtype), torch.arange(p).expand(b, p).clone(),
+        index = torch.arange(p, device=x.device)
+        positions = index if positions is None else positions
+        return cls(x, torch.ones(b, p, dtype=torch.float32, device=x.device), index.expand(b, p).clone(),
                    positions.expand(b, p).clone())
 
     @property
@@ -61,36 +64,44 @@ class TokenState:
         return self.x.shape[1]
 
 
-def route(removed: torch.Tensor, target: torch.Tensor) -> TokenTransform:
+def route(removed: torch.Tensor, target: torch.Tensor, num_removed: int) -> TokenTransform:
     """The transform "survivors keep their order; removed token i goes where `target[i]` goes".
 
-    removed: [B, L] bool, the same count per row; target: [B, L] long, a surviving input index (read only
-    where removed).
+    removed: [B, L] bool, `num_removed` True per row; target: [B, L] long, a surviving input index (read only
+    where removed). No host sync: the count per row is given, not read back.
     """
     b, length = removed.shape
+    num_out = length - num_removed
     new_index = torch.where(removed, -1, (~removed).long().cumsum(1) - 1)
     dest = torch.where(removed, new_index.gather(1, target.clamp(min=0)), new_index)
-    kept = (~removed).nonzero()[:, 1].view(b, -1)  # row-major nonzero: sorted per row
+    # kept[j] = the input whose new index is j; removed inputs go to a spare last column, dropped after
+    slot = torch.where(removed, num_out, new_index)
+    inputs = torch.arange(length, device=removed.device).expand(b, length)
+    kept = inputs.new_zeros(b, num_out + 1).scatter_(1, slot, inputs)[:, :num_out]
     return TokenTransform(dest=dest, kept=kept)
 
 
 def apply_transform(state: TokenState, step: TokenTransform) -> TokenState:
-    """Run one reduction step on the tokens and their bookkeeping."""
+    """Run one reduction step on the tokens and their bookkeeping.
+
+    Values are averaged in float32 (weights and sizes are float32) and come out in x's dtype."""
     x, size = state.x, state.size
     b, length, c = x.shape
-    size_out = torch.zeros(b, step.num_out, dtype=size.dtype).scatter_add_(1, step.dest, size)
+    size_out = size.new_zeros(b, step.num_out).scatter_add_(1, step.dest, size)
+    x32 = x.float()
     if step.weights is not None and not step.normalize:
-        x_out = step.weights.to(x.dtype) @ x
+        x_out = step.weights.float() @ x32
     elif step.weights is not None:
-        mass = step.weights.to(x.dtype) * size[:, None, :]  # [B, L', L]
-        x_out = (mass @ x) / mass.sum(-1, keepdim=True).clamp_min(1e-12)
+        mass = step.weights.float() * size[:, None, :]  # [B, L', L]
+        x_out = (mass @ x32) / mass.sum(-1, keepdim=True).clamp_min(1e-12)
     else:
         mass = size if step.contributes is None else size * step.contributes
         index = step.dest[..., None].expand(-1, -1, c)
-        x_out = torch.zeros(b, step.num_out, c, dtype=x.dtype).scatter_add_(1, index, x * mass[..., None])
-        total = torch.zeros(b, step.num_out, dtype=x.dtype).scatter_add_(1, step.dest, mass)
+        x_out = x32.new_zeros(b, step.num_out, c).scatter_add_(1, index, x32 * mass[..., None])
+        total = mass.new_zeros(b, step.num_out).scatter_add_(1, step.dest, mass)
         x_out = x_out / total[..., None].clamp_min(1e-12)
-    return TokenState(x_out, size_out, step.dest.gather(1, state.owner), state.position.gather(1, step.kept))
+    return TokenState(x_out.to(x.dtype), size_out, step.dest.gather(1, state.owner),
+                      state.position.gather(1, step.kept))
 
 
 SCHEDULES = ("constant", "decreasing")

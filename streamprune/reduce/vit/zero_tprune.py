@@ -71,7 +71,7 @@ def zero_tprune(metric: torch.Tensor, r: int, *, attention: torch.Tensor, layer:
     """Prune r tokens. metric [B, L, d] keys (head mean); attention [B, h, L, L] softmax attention."""
     b, length, _ = metric.shape
     unit = F.normalize(metric.float(), dim=-1)
-    removed = torch.zeros(b, length, dtype=torch.bool)
+    removed = torch.zeros(b, length, dtype=torch.bool, device=metric.device)
     # I′ and S-stage: the less important half A, matched to the rest B; prune the most similar of A
     rank = emphasize_informative_region(weighted_page_rank(attention, 1)).argsort(-1)  # ascending importance
     half = length // 2
@@ -91,6 +91,6 @@ def zero_tprune(metric: torch.Tensor, r: int, *, attention: torch.Tensor, layer:
         removed.scatter_(1, scores.topk(r_important, -1, largest=False).indices, True)
     # bookkeeping: a pruned token is accounted for by its most similar survivor
     sim_all = (unit @ unit.transpose(1, 2)).masked_fill(removed[:, None, :], -float("inf"))
-    step = route(removed, sim_all.argmax(-1))
+    step = route(removed, sim_all.argmax(-1), r_similar + r_important)
     step.contributes = ~removed
     return step
