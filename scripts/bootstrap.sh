@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
-# Create (once) and link the project's virtualenv, then install streamprune into it in editable mode.
-# The ~7 GB venv lives outside the clone, keyed by the hash of setup.cfg, so a fresh clone (CI) with
-# the same dependencies reuses it and only re-points the editable install (seconds).
+# bootstrap.sh [video|robot]: make this clone's environment for one of the two tested stacks.
+#
+#   video  .venv        the core with the current torch / transformers releases, Ray, lmms-eval, the bench plot
+#   robot  .venv-robot  the core at lerobot's bounds (torch 2.11, transformers 5.5) with lerobot and the simulators
+#
+# Dependencies only live in a shared cached venv, keyed by the hash of requirements/<env>.lock and the
+# interpreter, so fresh clones (CI) reuse it. Each clone gets its own small venv layered on it (a .pth adds the
+# cached site-packages) with streamprune installed editable from this clone, so every clone runs its own code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+env=${1:-video}
+case "$env" in
+  video) clone_venv=.venv ;;
+  robot) clone_venv=.venv-robot ;;
+  *) echo "error: bootstrap.sh takes video or robot, got '$env'" >&2; exit 2 ;;
+esac
+lock="requirements/$env.lock"
 
 find_python() {
   if command -v python3.12 >/dev/null 2>&1 && python3.12 -c 'import sys' >/dev/null 2>&1; then
@@ -17,18 +29,10 @@ find_python() {
 }
 
 py=$(find_python) || { echo "error: Python 3.12 not found (looked for python3.12 on PATH and in pyenv); install it first" >&2; exit 2; }
-# key: the dependency lists and the interpreter, not the rest of setup.cfg (metadata edits keep the venv)
-requirements() {
-  "$py" - <<'PY'
-import configparser
-cfg = configparser.ConfigParser(); cfg.read("setup.cfg")
-reqs = cfg["options"]["install_requires"].split() + cfg["options.extras_require"]["test"].split()
-print("\n".join(r for r in reqs if r))
-PY
-}
-key=$( (requirements; "$py" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
+py=$("$py" -c 'import os, sys; print(os.path.realpath(sys.executable))')
+key=$( (cat "$lock"; "$py" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
 cache="${STREAMPRUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/streamprune}"
-venv="$cache/venv-$key"
+deps="$cache/venv-$env-$key"
 
 # LIBERO's hf-egl-probe is an sdist whose setup.py runs `cmake` from PATH inside pip's isolated build env.
 # A `cmake` from a virtualenv (the PyPI shim lerobot installs; on PATH when a venv is activated) is a Python
@@ -43,22 +47,37 @@ system_cmake_dir() {
   return 1
 }
 
-if [ ! -f "$venv/.complete" ]; then
-  echo "bootstrap: building $venv with $py (first run: ~7 GB, a few minutes; later runs reuse it)"
-  rm -rf "$venv"
+if [ ! -f "$deps/.complete" ]; then
+  echo "bootstrap: building the $env dependencies in $deps (first run: several GB, a few minutes; later runs reuse it)"
+  rm -rf "$deps"
   mkdir -p "$cache"
-  "$py" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
-  # install_requires from setup.cfg plus the test extras, without installing the project itself yet
-  requirements > "$venv/requirements.txt"
-  cmake_dir=$(system_cmake_dir) || { echo "error: CMake not found; LIBERO's hf-egl-probe is built with it (apt-get install cmake g++ make)" >&2; exit 2; }
-  PATH="$cmake_dir:$PATH" "$venv/bin/python" -m pip install --progress-bar off -r "$venv/requirements.txt"
-  touch "$venv/.complete"
+  "$py" -m venv "$deps"
+  "$deps/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
+  path="$PATH"
+  if [ "$env" = robot ]; then
+    cmake_dir=$(system_cmake_dir) || { echo "error: CMake not found; LIBERO's hf-egl-probe is built with it (apt-get install cmake g++ make)" >&2; exit 2; }
+    path="$cmake_dir:$PATH"
+  fi
+  PATH="$path" "$deps/bin/python" -m pip install --progress-bar off -r "$lock"
+  touch "$deps/.complete"
 fi
 
-ln -sfn "$venv" .venv
-# Re-point the editable install at this clone when it points elsewhere (another clone, CI).
-if [ "$(.venv/bin/python -P -c 'import streamprune, os; print(os.path.dirname(os.path.dirname(streamprune.__file__)))' 2>/dev/null)" != "$root" ]; then
-  # through the venv's own path: console scripts get a shebang that stays valid for every clone
-  "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
+# This clone's venv: rebuilt when it layers on other dependencies (a changed lock) or is the old shared link.
+site=$("$deps/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+if [ -L "$clone_venv" ] || [ "$(cat "$clone_venv/streamprune-deps" 2>/dev/null)" != "$deps" ]; then
+  rm -rf "$clone_venv"
+  "$py" -m venv --without-pip "$clone_venv"
+  clone_site=$("$clone_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+  # addsitedir also runs the cached venv's own .pth files; this clone's site-packages stay first on sys.path
+  echo "import site; site.addsitedir('$site')" > "$clone_site/_streamprune_deps.pth"
+  echo "$deps" > "$clone_venv/streamprune-deps"
+  for tool in ruff; do  # native tools the Makefile calls; Python tools run as `python -m`
+    [ -e "$deps/bin/$tool" ] && ln -sfn "$deps/bin/$tool" "$clone_venv/bin/$tool"
+  done
+fi
+# streamprune from this clone (editable: dist-info for the console script and lmms-eval's entry point)
+if [ "$("$clone_venv/bin/python" -P -c 'import streamprune, os; print(os.path.dirname(os.path.dirname(streamprune.__file__)))' 2>/dev/null)" != "$root" ]; then
+  # quietly (setuptools' notices about package data are noise here); the log is shown if it fails
+  "$clone_venv/bin/python" -m pip install --no-deps --no-build-isolation --disable-pip-version-check -e . \
+    > "$clone_venv/install.log" 2>&1 || { cat "$clone_venv/install.log" >&2; exit 1; }
 fi

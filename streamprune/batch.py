@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from streamprune.errors import ConfigError, StreamPruneError
+from streamprune.extras import require_extra
 from streamprune.runtime import out_of_memory
 from streamprune.summarize import SummarizeOptions, decode_clip, encode_clip, finish
 
@@ -305,7 +306,7 @@ def run_batch(opts: BatchOptions, progress: ProgressFn | None = None) -> BatchRe
         engine, results = "in-process (ray not installed)", run_in_process(todo, opts.summarize)
     else:
         if not ray_available():
-            raise ConfigError("--ray needs Ray Data: pip install 'ray[data]'")
+            require_extra("ray", "--ray")
         # auto: the cluster RAY_ADDRESS names, else a new local one; local: always a new local one
         address = {"auto": None, "local": "local"}.get(opts.ray, opts.ray)
         if address not in (None, "local"):

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from streamprune.errors import ConfigError
+from streamprune.extras import has_extra
 from streamprune.fidelity import against, reference
 from streamprune.flops import prefill_flops
 from streamprune.models.base import LLMInputs, VideoLLMAdapter
@@ -290,6 +291,10 @@ def write_outputs(result: dict, out: Path) -> dict[str, str]:
     paths = {"json": out / "bench.json", "markdown": out / "bench.md", "plot": out / "bench.png"}
     paths["json"].write_text(json.dumps(result, indent=1))
     paths["markdown"].write_text(markdown_table(result))
-    plot_fidelity(result, paths["plot"])
+    if has_extra("plot"):
+        plot_fidelity(result, paths["plot"])
+    else:  # the table and the JSON hold every figure; the picture is optional
+        del paths["plot"]
+        result["plot_skipped"] = "matplotlib is not installed: pip install 'streamprune[plot]'"
     result["outputs"] = {k: str(v) for k, v in paths.items()}
     return result["outputs"]

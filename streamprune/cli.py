@@ -13,6 +13,7 @@ import torch
 
 from streamprune.encoder import ENCODER_METHODS, parse_encoder
 from streamprune.errors import ConfigError, StreamPruneError
+from streamprune.extras import require_extra
 from streamprune.fidelity import run_fidelity
 from streamprune.live import LiveOptions, run_stream
 from streamprune.models.inner_stage import InnerConfig
@@ -113,6 +114,7 @@ class _SimEnvNames:
     (importing lerobot would add ~2 s to every other command)."""
 
     def _names(self) -> list[str]:
+        require_extra("vla", "policy eval")
         from envs.sim import ENVS
 
         return list(ENVS)
@@ -124,8 +126,18 @@ class _SimEnvNames:
         return iter(self._names())
 
 
+def _version() -> str:
+    """streamprune's version and the stack it runs on (what a bug report needs)."""
+    import transformers
+
+    from streamprune import __version__
+
+    return f"streamprune {__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="streamprune", description="Token reduction for video LLMs and robot policies.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("summarize", help="summarize a video with a compressed visual context",
                        description="Summarize a video: sample frames, reduce visual tokens (HoliTom), generate.")
@@ -409,7 +421,11 @@ def print_policy_eval(result: dict, console) -> None:
 def main(argv: list[str] | None = None) -> int:
     # simulator packages import pkg_resources, which warns on every run; nothing a user can act on
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except StreamPruneError as exc:  # e.g. policy eval's --env choices without the [vla] extra
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     from rich.console import Console
 
     err = Console(stderr=True)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from streamprune.encoder import EncoderConfig
 from streamprune.errors import ConfigError
 from streamprune.importance import ImportanceState
+from streamprune.models.cache_compat import cache_kwargs, crop_cache
 from streamprune.models.inner_stage import query_attention
 from streamprune.models.llava_onevision import LlavaOnevisionAdapter
 from streamprune.reduce.holitom import default_tau, holitom_reduce, segment_by_gains, static_gains
@@ -183,7 +184,8 @@ class StreamEngine:
         size: [m] per entry."""
         m = embeds.shape[1]
         positions = torch.arange(self.next_position, self.next_position + m, device=embeds.device)[None]
-        self.adapter.language_model(inputs_embeds=embeds, position_ids=positions, past_key_values=self.cache,
+        self.adapter.language_model(inputs_embeds=embeds, position_ids=positions,
+                                    **cache_kwargs(self.adapter.language_model, self.cache),
                                     use_cache=True)
         self.next_position += m
         self.entry_segment = torch.cat([self.entry_segment, torch.full((m,), segment, device=embeds.device)])
@@ -395,7 +397,7 @@ class StreamEngine:
                 break
             answer.append(token)
             logits = self._forward(embed(next_token))
-        self.cache.crop(saved_length)
+        crop_cache(self.cache, saved_length)
         self.next_position = saved_position
         self.last_answer = self.adapter.processor.tokenizer.decode(answer, skip_special_tokens=True)
         self.last_answer_ids = answer
@@ -405,7 +407,8 @@ class StreamEngine:
         m = embeds.shape[1]
         positions = torch.arange(self.next_position, self.next_position + m, device=embeds.device)[None]
         self.next_position += m
-        out = self.adapter.model(inputs_embeds=embeds, position_ids=positions, past_key_values=self.cache,
+        out = self.adapter.model(inputs_embeds=embeds, position_ids=positions,
+                                 **cache_kwargs(self.adapter.model, self.cache),
                                  use_cache=True, logits_to_keep=1)
         return out.logits
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from streamprune.encoder import EncoderConfig
 from streamprune.errors import ConfigError
+from streamprune.extras import require_extra
 from streamprune.reduce.vla import SELECTIONS
 from streamprune.runtime import Runtime, resolve_runtime
 
@@ -59,6 +60,7 @@ class PolicyEvalOptions:
 
 def run_policy_eval(opts: PolicyEvalOptions, progress=None) -> dict:
     """Build the pruned policy for the env, run the episodes, return the result as a dict."""
+    require_extra("vla", "policy eval")
     opts.validate()
     runtime = opts.runtime()
     from envs.sim import check_task_id, last_kept_overlay, policy_features_for, run_episodes

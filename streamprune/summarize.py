@@ -15,6 +15,7 @@ from streamprune.errors import ConfigError
 from streamprune.flops import fastv_prefill_flops, kv_cache_bytes_per_token, prefill_flops
 from streamprune.models import LoadedModel, load_video_llm
 from streamprune.models.base import EncodedVideo, LLMInputs, PromptInputs
+from streamprune.models.cache_compat import output_cache
 from streamprune.models.generation import check_compilable
 from streamprune.models.inner_stage import InnerConfig, method_inner, validate
 from streamprune.reduce import METHODS, get_method, reduce_tokens
@@ -126,7 +127,7 @@ class PrefillProbe:
             if self.prefill_s is None:
                 synchronize(output.last_hidden_state)
                 self.prefill_s = time.perf_counter() - started[0]
-                self.kv_cache_bytes = cache_bytes(output.past_key_values)
+                self.kv_cache_bytes = cache_bytes(output_cache(output))
 
         handles = [self.language_model.register_forward_pre_hook(before, with_kwargs=True),
                    self.language_model.register_forward_hook(after, with_kwargs=True)]

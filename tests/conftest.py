@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,35 @@ def decoder_model(request):
 # The GPU suite (tests/gpu, `make test-gpu`) is collected only where CUDA is visible: CI and `make test` run on
 # the CPU, and a core test is never skipped.
 collect_ignore = [] if torch.cuda.is_available() else ["gpu"]
+
+# Two tested environments (`make test` runs the suite in both, requirements/*.lock): the robot one has lerobot,
+# the video one the current torch/transformers and lmms-eval; the two cannot share one environment. A module
+# that needs one of them is collected where it is installed. STREAMPRUNE_TEST_ENV (set by `make test`) names
+# the environment, so a module that should run there and cannot import its package fails the run instead.
+NEEDS = {
+    "lerobot": ["test_policy_smolvla.py", "test_policy_pi0.py", "test_policy_cli.py", "test_envs.py",
+                "test_device_policies.py"],
+    "lmms_eval": ["test_lmms_eval_loop.py"],
+    "decord": ["test_video_decord.py"],
+}
+EXPECTED = {"robot": ["lerobot", "decord"], "video": ["lmms_eval"]}
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+_environment = os.environ.get("STREAMPRUNE_TEST_ENV")
+if _environment is not None and _environment not in EXPECTED:
+    raise pytest.UsageError(f"STREAMPRUNE_TEST_ENV must be one of {', '.join(EXPECTED)}, got {_environment!r}")
+for _package, _modules in NEEDS.items():
+    if _importable(_package):
+        continue
+    if _package in EXPECTED.get(_environment, []):
+        raise pytest.UsageError(f"the {_environment} test environment lacks {_package}: rerun `make setup`")
+    collect_ignore += _modules
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from streamprune.models import load_video_llm
+from streamprune.models.cache_compat import cache_kwargs
 from streamprune.models.inner_stage import InnerConfig, InnerStage, KVPrune, _gather_seq, _size_bias
 from streamprune.reduce.inner import InnerStep
 from tests.conftest import tiny_llama
@@ -133,12 +134,12 @@ def mrope_decode(decoder, embeds, pos, steps: int = STEPS):
     length = pos.shape[-1]
     cache, outs = DynamicCache(config=decoder.config), []
     with torch.no_grad():
-        out = decoder(inputs_embeds=embeds[:, :length], position_ids=pos, past_key_values=cache, use_cache=True)
+        out = decoder(inputs_embeds=embeds[:, :length], position_ids=pos, use_cache=True, **cache_kwargs(decoder, cache))
         outs.append(out.last_hidden_state[:, -1])
         for t in range(steps - 1):
             step_pos = (pos.max() + 1 + t).expand(3, embeds.shape[0], 1)
             out = decoder(inputs_embeds=embeds[:, length + t:length + t + 1], position_ids=step_pos,
-                          past_key_values=cache, use_cache=True)
+                          use_cache=True, **cache_kwargs(decoder, cache))
             outs.append(out.last_hidden_state[:, -1])
     return torch.stack(outs, 1)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from streamprune import ConfigError
+from streamprune.models.cache_compat import output_cache
 from streamprune.models.inner_stage import InnerConfig, InnerStage, default_layer, validate
 from streamprune.reduce.inner import MergePlan, apply_plan, bipartite_plan, make_plan, merge_weights
 
@@ -185,6 +186,6 @@ def test_cache_lengths_per_layer(decoder_model):
     stage.prepare(visual, sizes)
     with stage.installed(), torch.no_grad():
         out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
-    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    lengths = [layer.keys.shape[2] for layer in output_cache(out).layers]
     n = embeds.shape[1]
     assert lengths == [n] * 2 + [n - 20] * (len(lengths) - 2)

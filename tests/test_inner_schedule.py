@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from streamprune import ConfigError
+from streamprune.models.cache_compat import output_cache
 from streamprune.models.inner_stage import InnerConfig, InnerStage, KVPrune, cut_schedule, validate
 from streamprune.reduce.inner import CRITERIA, InnerStep, step_plan, uniform_picks
 from tests.test_inner import batch_inputs, cached_greedy, nocache_logits
@@ -99,7 +100,7 @@ def test_cache_of_each_layer_holds_the_survivors_of_the_cuts_before_it(decoder_m
     with stage.installed(), torch.no_grad():
         out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
     n = embeds.shape[1]
-    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [n] + [n - 20] * 2 + [n - 40] * 3
+    assert [layer.keys.shape[2] for layer in output_cache(out).layers] == [n] + [n - 20] * 2 + [n - 40] * 3
 
 
 def test_transition_scores_follow_how_much_a_token_changes(decoder_model):

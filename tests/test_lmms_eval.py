@@ -1,12 +1,11 @@
 """The lmms-eval backend on the tiny random-weight model and a real sample video.
 
-The core (`VideoQA`, what the lmms-eval class delegates to) is tested always; the lmms-eval class, its
-registration and its entry point only where lmms-eval is importable (it is not in the project's venv:
-run with `PYTHONPATH=<a site dir holding lmms-eval>`)."""
+The core (`VideoQA`, what the lmms-eval class delegates to) is tested in both environments; the lmms-eval
+class, its registration, its entry point and a whole evaluation in tests/test_lmms_eval_loop.py, in the video
+environment, which has lmms-eval."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,60 +74,3 @@ def test_stop_strings_and_visuals():
 def test_importing_streamprune_does_not_import_lmms_eval():
     code = "import sys, streamprune, streamprune.summarize; assert 'lmms_eval' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
-
-
-class _Dataset:
-    """lmms-eval's `task_dict[task][split]`: docs by doc_id."""
-
-    def __init__(self, docs: list[dict]) -> None:
-        self.docs = docs
-
-    def __getitem__(self, doc_id: int) -> dict:
-        return self.docs[doc_id]
-
-
-def test_lmms_eval_generate_until(sample_video):
-    pytest.importorskip("lmms_eval")
-    from lmms_eval.api.instance import GenerationResult, Instance
-    from lmms_eval.models import get_model
-
-    backend.register()
-    assert get_model("streamprune").__name__ == "StreamPruneModel"
-    docs = [{"video": str(sample_video), "question": QUESTION}] * 2
-
-    def answers(model_args: str) -> list[GenerationResult]:
-        model = get_model("streamprune").create_from_arg_string(model_args, {"batch_size": 1})
-        model.task_dict = {"videomme": {"test": _Dataset(docs)}}
-        gen_kwargs = {"max_new_tokens": NEW_TOKENS, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
-        requests = [Instance("generate_until", (doc["question"], gen_kwargs, lambda d: [d["video"]], i, "videomme",
-                                                "test"), idx=0, metadata={"task": "videomme", "doc_id": i,
-                                                                          "repeats": 1})
-                    for i, doc in enumerate(docs)]
-        return model.generate_until(requests)
-
-    reduced = answers(f"pretrained=tiny,method=holitom,retain=0.25,frames={FRAMES}")
-    full = answers(f"pretrained=tiny,method=none,frames={FRAMES}")
-    assert len(reduced) == len(docs) == len(full)
-    for r, f in zip(reduced, full, strict=True):
-        assert isinstance(r.text, str) and r.text and isinstance(f.text, str) and f.text
-        assert r.token_counts.output_tokens <= NEW_TOKENS
-        assert r.token_counts.input_tokens < f.token_counts.input_tokens * 0.5
-    with pytest.raises(NotImplementedError, match="generate_until only"):
-        get_model("streamprune").create_from_arg_string(f"frames={FRAMES}").loglikelihood([])
-    with pytest.raises(ConfigError, match="unknown streamprune model_args: retian"):
-        get_model("streamprune").create_from_arg_string("retian=0.2")
-
-
-def test_lmms_eval_finds_the_model_through_an_entry_point(tmp_path):
-    """What a `lmms_eval.models` entry point in streamprune's metadata would do, from a stand-in dist-info
-    (the real one would come from setup.cfg): plain lmms-eval resolves `streamprune` to the class."""
-    pytest.importorskip("lmms_eval")
-    dist = tmp_path / "streamprune_lmms_entry_point-0.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: streamprune-lmms-entry-point\nVersion: 0.0\n")
-    (dist / "entry_points.txt").write_text("[lmms_eval.models]\n"
-                                           "streamprune = streamprune.integrations.lmms_eval:lmms_eval_manifest\n")
-    code = "from lmms_eval.models import get_model; print(get_model('streamprune').__module__)"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert out.stdout.strip().splitlines()[-1] == "streamprune.integrations.lmms_eval"

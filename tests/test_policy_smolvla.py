@@ -16,7 +16,9 @@ from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TO
 
 from policies.smolvla_pruned import SmolVLAPrunedConfig, SmolVLAPrunedPolicy  # noqa: E402
 from policies.tiny_smolvla import build_tiny_smolvla  # noqa: E402
+from streamprune.encoder import run_layers, siglip_tower  # noqa: E402
 from streamprune.errors import ConfigError, ModelError  # noqa: E402
+from streamprune.reduce.vit import TokenState  # noqa: E402
 
 CAMERA = "observation.image"
 
@@ -296,3 +298,14 @@ def test_encoder_merging_with_pruning_keeps_the_budget(baseline):
     with pytest.raises(ConfigError, match="unknown encoder method"):
         policy.configure_pruning(encoder="nope")
     assert policy.config.encoder == "none"
+
+
+def test_encoder_runner_without_reduction_is_the_unmodified_smolvla_tower():
+    """The encoder-side runner (tests/test_encoder.py) on SmolVLA's SmolVLM vision model."""
+    policy, _, _ = build_tiny_smolvla()
+    vision = policy.model.vlm_with_expert.get_vlm_model().vision_model
+    tower = siglip_tower(vision, -1, final_norm=True)
+    images = torch.rand(2, 3, 512, 512) * 2 - 1
+    state, _ = run_layers(tower, TokenState.start(tower.embed(images)))
+    expected = vision(pixel_values=images).last_hidden_state
+    assert torch.allclose(tower.finish(state.x), expected, atol=1e-5)

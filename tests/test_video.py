@@ -20,7 +20,7 @@ from streamprune.sources import (
     resolve_video_arg,
     sample_video_path,
 )
-from streamprune.sources.video import _decode_indices, _read_with_decord, sample_indices
+from streamprune.sources.video import _decode_indices, sample_indices
 
 if TYPE_CHECKING:
     from conftest import SyntheticVideo
@@ -69,15 +69,6 @@ def test_progress_reports_each_sampled_frame(sample_video: Path) -> None:
     calls: list[tuple[int, int]] = []
     read_video(sample_video, num_frames=5, progress=lambda done, total: calls.append((done, total)))
     assert calls == [(i, 5) for i in range(6)]
-
-
-def test_decord_fallback_matches_pyav(sample_video: Path) -> None:
-    pyav = read_video(sample_video, num_frames=6)
-    dec = _read_with_decord(sample_video, 6, None, None)
-    np.testing.assert_array_equal(dec.frame_indices, pyav.frame_indices)
-    np.testing.assert_allclose(dec.timestamps, pyav.timestamps, atol=1e-3)
-    assert dec.frames.shape == pyav.frames.shape
-    assert np.abs(dec.frames.astype(int) - pyav.frames).mean() < 3
 
 
 # --- synthetic videos whose frames show their own index -------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -148,6 +149,13 @@ def register() -> None:
 
 def main() -> None:
     """`python -m streamprune.integrations.lmms_eval ARGS`: lmms-eval's own CLI with `streamprune` registered."""
+    from streamprune.extras import MissingExtra, require_extra
+
+    try:
+        require_extra("eval", "the lmms-eval launcher")
+    except MissingExtra as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
     register()
     from lmms_eval.cli.dispatch import main as lmms_eval_cli
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from streamprune.errors import ConfigError
+from streamprune.models.cache_compat import cache_kwargs, output_cache
 
 BUCKET = 256  # static cache lengths are rounded up to this, so videos of similar length share a compiled step
 
@@ -117,7 +118,7 @@ class StaticDecoder:
         else:
             position_ids = self.positions.index_select(-1, index)
         out = self.decoder(inputs_embeds=self.embed(token), attention_mask=self.masks[0], position_ids=position_ids,
-                           past_key_values=self.cache, use_cache=True)
+                           use_cache=True, **cache_kwargs(self.decoder, self.cache))
         return self.lm_head(out.last_hidden_state[:, -1:]).argmax(-1)
 
     def _layer_hook(self, layer: int):
@@ -212,7 +213,7 @@ def generate_static(adapter, inputs, max_new_tokens: int, logits_processor=None,
     text_config = adapter.config.get_text_config(decoder=True)
     prompt_len = inputs.inputs_embeds.shape[1]
     max_len = cache_length(prompt_len, max_new_tokens)
-    cache = static_cache_from(out.past_key_values, text_config, max_len)
+    cache = static_cache_from(output_cache(out), text_config, max_len)
     positions = None
     if inputs.position_ids is not None:
         positions = inputs.positions_for(max_new_tokens)[..., prompt_len:].to(first.device)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from streamprune.errors import ConfigError
+from streamprune.models.cache_compat import layer_cache
 from streamprune.reduce.inner import MERGES, MODES, InnerStep, MergePlan, apply_plan, mode_step, step_plan
 
 
@@ -423,7 +424,7 @@ class InnerStage:
             if self._released and not self._full:  # a static-cache decode step: its own masks stand for ours
                 return None
             if index == 0:
-                cache = kwargs.get("past_key_values")
+                cache = layer_cache(kwargs)
                 self._kv_len = (cache.get_seq_length() if cache is not None else 0) + hidden.shape[1]
                 self._prefill, self._raw_mask = None, None
                 self._scores, self._transition, self._masks = {}, {}, {}
@@ -527,7 +528,7 @@ class InnerStage:
         kv = self.config.kv
         if self._full or self.visual_mask is None or self._released:
             return
-        cache = kwargs.get("past_key_values")
+        cache = layer_cache(kwargs)
         if cache is None:
             return
         keys = cache.layers[kv.layer - 1].keys  # [B, kv_heads, L_cached, hd], RoPE applied

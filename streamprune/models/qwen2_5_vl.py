@@ -142,7 +142,9 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
                 pixels = prompt.pixel_values_videos[start * per_grid:(start + n) * per_grid]
                 out = self.model.model.get_video_features(pixels, grid)
                 features.append(torch.cat(out.pooler_output))
-                side.append(getattr(out, "deepstack_features", None) or [])
+                # per DeepStack layer: a tensor, or (transformers ≥ 5.2x) one tensor per video, as pooler_output
+                side.append([torch.cat(f) if isinstance(f, (list, tuple)) else f
+                             for f in getattr(out, "deepstack_features", None) or []])
                 per_token = received.pop().view(n, -1, self.merge ** 2).mean(2)  # 2×2 patches per token
                 scores.append(per_token if order is None else per_token[:, order])
                 if progress:

@@ -176,6 +176,8 @@ class SmolVLM2Adapter(VideoLLMAdapter):
                 stop = min(start + frames_per_batch, num_frames)
                 mask = None if pixel_mask is None else pixel_mask[:, start:stop]
                 batch = model.get_image_features(pixels[:, start:stop], mask).pooler_output  # [F, N, D]
+                if isinstance(batch, (list, tuple)):  # transformers ≥ 5.2x: one [F·N, D] per batch row
+                    batch = torch.cat(batch).view(-1, self.tokens_per_frame, batch[0].shape[-1])
                 if batch.shape[0] != stop - start:
                     # get_image_features skips all-zero "padding" images; the model's own forward would fail too
                     raise ValueError("a frame's pixel values are all zero; SmolVLM treats it as padding")

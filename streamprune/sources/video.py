@@ -329,8 +329,11 @@ def _reason(e: BaseException) -> str:
 def _decord_reader(path: Path) -> tuple[decord.VideoReader, float, int]:
     """A decord reader with its frame rate and frame count. Only for files PyAV parsed: decord can
     crash the process on corrupt ones."""
-    import decord  # the fallback decoder: imported only when needed
-
+    try:
+        import decord  # the fallback decoder: imported only when needed, and optional
+    except ImportError:
+        raise VideoError(f"cannot decode {path}: PyAV has no decoder for its video codec, and the fallback "
+                         "decoder is not installed (pip install 'streamprune[decord]')") from None
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
     except (RuntimeError, OSError, ValueError) as e:
