@@ -62,17 +62,32 @@ if [ ! -f "$deps/.complete" ]; then
   touch "$deps/.complete"
 fi
 
-# This clone's venv: rebuilt when it layers on other dependencies (a changed lock) or is the old shared link.
+# This clone's venv: rebuilt when it layers on other dependencies (a changed lock), was made by another version
+# of this script, or is the old shared link.
 site=$("$deps/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-if [ -L "$clone_venv" ] || [ "$(cat "$clone_venv/streamprune-deps" 2>/dev/null)" != "$deps" ]; then
+stamp="$deps $(sha256sum "$root/scripts/bootstrap.sh" | cut -c1-16)"
+if [ -L "$clone_venv" ] || [ "$(cat "$clone_venv/streamprune-stamp" 2>/dev/null)" != "$stamp" ]; then
   rm -rf "$clone_venv"
   "$py" -m venv --without-pip "$clone_venv"
   clone_site=$("$clone_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
   # addsitedir also runs the cached venv's own .pth files; this clone's site-packages stay first on sys.path
   echo "import site; site.addsitedir('$site')" > "$clone_site/_streamprune_deps.pth"
   echo "$deps" > "$clone_venv/streamprune-deps"
-  for tool in ruff; do  # native tools the Makefile calls; Python tools run as `python -m`
-    [ -e "$deps/bin/$tool" ] && ln -sfn "$deps/bin/$tool" "$clone_venv/bin/$tool"
+  echo "$stamp" > "$clone_venv/streamprune-stamp"
+  # the dependencies' commands (lerobot-eval, ray, pytest, ruff, ...): console scripts re-pointed at this venv's
+  # interpreter, so they import this clone's streamprune too; native executables linked as they are
+  for tool in "$deps"/bin/*; do
+    name=$(basename "$tool")
+    [ -f "$tool" ] && [ -x "$tool" ] && [ ! -e "$clone_venv/bin/$name" ] || continue
+    case "$name" in activate*|Activate*|python*|pip*) continue ;; esac
+    if head -c 2 "$tool" | grep -q '^#!'; then
+      if head -n 1 "$tool" | grep -qx "#!$deps/bin/python[0-9.]*"; then
+        { echo "#!$root/$clone_venv/bin/python"; tail -n +2 "$tool"; } > "$clone_venv/bin/$name"
+        chmod +x "$clone_venv/bin/$name"
+      fi
+    else
+      ln -s "$tool" "$clone_venv/bin/$name"
+    fi
   done
 fi
 # streamprune from this clone (editable: dist-info for the console script and lmms-eval's entry point)

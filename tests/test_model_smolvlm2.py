@@ -62,11 +62,17 @@ def reference_tokens(adapter, prompt):
 
 
 def model_embeddings(adapter, prompt) -> torch.Tensor:
-    """The unmodified model's own LLM input [1, L, D] for a processor output (vision path + inputs_merger)."""
+    """The unmodified model's own LLM input [1, L, D] for a processor output (its vision path and placeholder merge)."""
     model = adapter.model.model
     with torch.no_grad():
         images = model.get_image_features(prompt.pixel_values_videos, **prompt.extra).pooler_output
-        return model.inputs_merger(prompt.input_ids, model.get_input_embeddings()(prompt.input_ids), images)
+        embeds = model.get_input_embeddings()(prompt.input_ids)
+        if hasattr(model, "inputs_merger"):  # transformers < 5.2x
+            return model.inputs_merger(prompt.input_ids, embeds, images)
+        # later releases: the model's placeholder mask and a scatter of the per-batch-row features
+        images = torch.cat(images) if isinstance(images, (list, tuple)) else images
+        mask = model.get_placeholder_mask(prompt.input_ids, inputs_embeds=embeds, image_features=images)
+        return embeds.masked_scatter(mask, images.to(embeds.dtype))
 
 
 def blocks(adapter, ids: torch.Tensor) -> list[tuple[str, int]]:
