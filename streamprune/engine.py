@@ -1,15 +1,19 @@
 """`StreamEngine`: watch a video frame by frame with a context that grows with what is new, not with time.
 
-    push(frame) ─▶ pixel skip test ─▶ vision tower ─▶ pending window ─▶ online segmentation
-                   (near-identical        (skipped frames reuse    (HoliTom's DP over the window;
-                    frames never reach     the last features)       a segment closes once `lookahead`
-                    the tower)                                      frames follow it)
-    closed segment ─▶ HoliTom merge (important positions protected) ─▶ incremental prefill into the KV cache
-    ask(prompt) ─▶ newline + question on top of the cache, greedy answer, cache cropped back
+    push(frame) ─▶ pixel skip test ─▶ token grid ─▶ vision tower ─▶ pending window ─▶ online segmentation
+                   (near-identical     (frames_per_grid  (skipped grids    (HoliTom's DP over the window;
+                    frames never        frames: Qwen's    reuse the last    a segment closes once `lookahead`
+                    reach the tower)    pairs)            features)         grids follow it)
+    closed segment ─▶ HoliTom merge (important positions protected) ─▶ layout.segment ─▶ incremental prefill
+    ask(prompt) ─▶ layout.question on top of the cache, greedy answer, cache cropped back
 
-The same pieces as `summarize` — encoder, HoliTom segmentation and merging, LLaVA-OneVision adapter —
-but the DP sees a bounded look-ahead instead of the whole video, and tokens are prefilled once, as their
-segment closes. With the look-ahead covering the whole video the segments equal the offline ones.
+The same pieces as `summarize` — encoder, HoliTom segmentation and merging, the model's adapter — but the
+DP sees a bounded look-ahead instead of the whole video, and tokens are prefilled once, as their segment
+closes. What is model-specific (prompt prefix and question split, newlines, per-frame timestamps and
+wrappers, 1-D or M-RoPE positions, DeepStack side inputs) is the adapter's `StreamLayout`
+(`models/streaming.py`); the engine is one engine for every model. With the look-ahead covering the whole
+stream (`lookahead=None`) the pending grids are reduced in one pass at the end, exactly as `summarize`
+reduces the clip, and the cached prompt equals `summarize`'s row for row.
 
 Memory is bounded by `max_context_tokens`: when the cache would exceed it, the oldest segment's KV
 entries are merged pairwise by similarity (bipartite matching, size-weighted), then evicted whole; the
@@ -19,7 +23,8 @@ Devices: frames arrive as numpy and the skip test stays on the host; every tenso
 its per-entry bookkeeping, importance) lives on the model's device, in the model's dtype for values. Which
 segments the cache holds, and how many entries each, is also counted on the host, so eviction decisions
 never read the device. Host reads per push: the pending window's similarities for the segmentation DP;
-per question: one per generated token (the end-of-sequence check).
+per closed segment: its kept-token count per grid where the layout writes per-frame text (SmolVLM2,
+Qwen3-VL); per question: one per generated token (the end-of-sequence check).
 """
 
 from __future__ import annotations
