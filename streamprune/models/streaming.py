@@ -140,11 +140,6 @@ class StreamLayout:
     def text(self, ids: list[int]) -> Chunk:
         return Chunk(self.embed_ids(ids), torch.full((len(ids),), -1, dtype=torch.long, device=self.device))
 
-    def join(self, *chunks: Chunk) -> Chunk:
-        """Chunks one after the other (rope rows, when present, concatenated too)."""
-        rope = None if chunks[0].rope is None else torch.cat([c.rope for c in chunks], 1)
-        return Chunk(torch.cat([c.embeds for c in chunks]), torch.cat([c.token for c in chunks]), rope)
-
 
 class OneVisionLayout(StreamLayout):
     """LLaVA-OneVision: tokens in the reduction's order, one newline after the whole video."""
