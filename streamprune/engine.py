@@ -362,8 +362,9 @@ class StreamEngine:
         tokens = self._reduce(seg)
         carried = [tokens.carry(torch.stack(layer)) for layer in zip(*seg.side, strict=True)]
         kept = torch.unique(tokens.frame).tolist()  # grids that keep a token (for SmolVLM2's intro)
-        frame_times = [t for g in seg.frames for t in (g[2], g[3])]
-        self._start(ClipInfo(times=frame_times, kept_times=[seg.frames[g][2] for g in kept]))
+        times = {index: t for first, last, t0, t1 in seg.frames for index, t in ((first, t0), (last, t1))}
+        self._start(ClipInfo(times=[times[i] for i in sorted(times)],  # each stream frame once (not padding)
+                             kept_times=[seg.frames[g][2] for g in kept]))
         records = []
         for s, e in tokens.segments:
             mask = (tokens.frame >= s) & (tokens.frame <= e)

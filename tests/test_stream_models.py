@@ -131,6 +131,22 @@ def test_full_lookahead_stream_equals_summarize(loaded, box_video, clip):
     assert torch.allclose(engine.last_logits, logits, atol=1e-4), (engine.last_logits - logits).abs().max()
 
 
+@pytest.mark.parametrize("name", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_odd_frame_count_completes_the_last_pair_as_the_processor(name, box_video):
+    adapter = load_video_llm(name).adapter
+    odd = read_video(box_video, num_frames=FRAMES - 1)
+    engine, records = stream(adapter, odd, lookahead=None, max_segment=1024)
+    assert records[-1].frames[1] == FRAMES - 2 and engine.stats()["frames_in"] == FRAMES - 1
+    prompt = adapter.prepare(odd.frames, QUESTION, odd.timestamps)
+    encoded = adapter.encode(prompt)
+    tokens = holitom_reduce(encoded.features, encoded.attention, encoded.grid_hw, RETAIN, tau=default_tau(RETAIN))
+    inputs = adapter.reduced_inputs(prompt, tokens, encoded)
+    question = engine.layout.question(QUESTION)
+    assert torch.equal(torch.cat([engine.entry_embed, question.embeds]), inputs.inputs_embeds[0])
+    if per_grid_positions(adapter):
+        assert torch.equal(torch.cat([engine.entry_rope, question.rope], 1), inputs.position_ids[1:, 0])
+
+
 def test_cached_answers_equal_nocache_recompute(model, clip):
     name, adapter = model
     engine = StreamEngine(adapter, StreamConfig(retain=RETAIN, lookahead=2, max_segment=2, skip_threshold=0))
