@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from streamprune.encoder import parse_encoder
 from streamprune.engine import StreamConfig, StreamEngine
 from streamprune.models import load_video_llm
 from streamprune.models.base import LLMInputs
@@ -223,6 +224,18 @@ def test_memory_stays_bounded_with_layout_rows(model):
     assert peak <= budget - 32 and engine.evicted
     assert all(e["frames"][0] >= 0 for e in engine.evicted)  # layout rows (newlines, text) have no frame
     assert engine.ask(QUESTION, max_new_tokens=3) is not None
+
+
+@pytest.mark.parametrize("name", ["tiny-llava-video", "tiny-smolvlm2"])
+def test_stream_encoder_reuse_on_other_siglip_towers(name):
+    adapter = load_video_llm(name).adapter
+    engine = StreamEngine(adapter, StreamConfig(retain=0.25, lookahead=2, skip_threshold=0,
+                                                encoder=parse_encoder("reuse")))
+    for i, image in enumerate(moving_box(5, width=224, height=168)):
+        engine.push(image, i / 2)
+    engine.flush()
+    stats = engine.stats()
+    assert stats["frames_encoded"] == 5 and stats["patches_computed"] < stats["patches_total"]
 
 
 @pytest.mark.parametrize("name", MODELS)
