@@ -44,6 +44,7 @@ bench: setup
 
 bench-stream: setup
 	.venv/bin/python benchmarks/bench_stream.py
+	.venv/bin/python benchmarks/bench_stream.py --model tiny-qwen2.5-vl --minutes 1 10 30 --streams skip still
 
 bench-vla: setup-robot
 	.venv-robot/bin/python -m benchmarks.bench_vla

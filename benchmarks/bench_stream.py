@@ -1,8 +1,9 @@
 """Streaming engine over long streams: ingest throughput, memory, time-to-answer vs stream length.
 
-Run by hand (`make bench-stream`); ~10 minutes on 2 cores. Uses the tiny LLaVA-OneVision: at the real
-0.5B dimensions the SigLIP tower costs ~3–6 s per frame on this CPU, so the number that carries over is
-how many frames reach the tower (frame skip) and whether answer time and memory stay flat.
+Run by hand (`make bench-stream`); ~20 minutes on 2 cores. `--model` picks any streaming model (default the
+tiny LLaVA-OneVision; e.g. `--model tiny-qwen2.5-vl` for 3-D M-RoPE positions over frame pairs): at real
+dimensions the vision tower costs seconds per frame on this CPU, so the number that carries over is how
+many frames reach the tower (frame skip) and whether answer time and memory stay flat.
 
 Streams:
 - `looped video`: bigbuckbunny looped for 60 minutes of stream time, sampled at 2 frames/s (as video
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from streamprune.engine import StreamConfig, StreamEngine
+from streamprune.machine import describe
 from streamprune.models import load_video_llm
 from streamprune.sources import FileSource, SyntheticSource, sample_video_path
 
@@ -74,26 +76,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60])
     parser.add_argument("--max-context-tokens", type=int, default=4096)
-    parser.add_argument("--out", default="benchmarks/results/stream_tiny.json")
+    parser.add_argument("--model", default="tiny", help="any streaming model: tiny, tiny-qwen2.5-vl, ... [tiny]")
+    parser.add_argument("--streams", nargs="+", choices=["skip", "no-skip", "still"], default=["skip", "no-skip", "still"],
+                        help="which streams to run: looped video with / without frame skip, still camera [all]")
+    parser.add_argument("--threads", type=int, help="torch threads [torch's default]")
+    parser.add_argument("--out", help="JSON report [benchmarks/results/stream_<model>.json]")
     args = parser.parse_args()
+    if args.threads:
+        import torch
 
-    adapter = load_video_llm("tiny").adapter
+        torch.set_num_threads(args.threads)
+
+    loaded = load_video_llm(args.model)
+    adapter = loaded.adapter
     video = sample_video_path("bigbuckbunny")
     results = {}
-    for label, skip in (("looped video, frame skip", 6.0), ("looped video, no skip", 0.0)):
+    runs = [(label, skip) for label, skip, key in (("looped video, frame skip", 6.0, "skip"),
+                                                   ("looped video, no skip", 0.0, "no-skip")) if key in args.streams]
+    for label, skip in runs:
         print(label, flush=True)
         engine = StreamEngine(adapter, StreamConfig(retain=0.1, skip_threshold=skip,
                                                     max_context_tokens=args.max_context_tokens))
         minutes = args.minutes if skip else [m for m in args.minutes if m <= 10]  # the no-skip run is the slow one
         results[label] = run(engine, FileSource(video, loop=True, max_fps=2.0), minutes)
-    print("still camera", flush=True)
-    engine = StreamEngine(adapter, StreamConfig(retain=0.1, max_context_tokens=args.max_context_tokens))
-    results["still camera (noise σ=2), 25 fps"] = run(engine, SyntheticSource(pattern="static", fps=25.0), [1, 10],
-                                                      noise=2.0)
-    report = {"model": "tiny random-weight LLaVA-OneVision", "retain": 0.1,
-              "max_context_tokens": args.max_context_tokens, "streams": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    if "still" in args.streams:
+        print("still camera", flush=True)
+        engine = StreamEngine(adapter, StreamConfig(retain=0.1, max_context_tokens=args.max_context_tokens))
+        results["still camera (noise σ=2), 25 fps"] = run(engine, SyntheticSource(pattern="static", fps=25.0),
+                                                          [1, 10], noise=2.0)
+    report = {"model": f"{args.model} ({adapter.model_type}, random weights: {loaded.random_weights})",
+              "machine": describe(), "retain": 0.1, "max_context_tokens": args.max_context_tokens,
+              "streams": results}
+    out = Path(args.out or f"benchmarks/results/stream_{args.model}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: {kk: v[kk] for kk in v if kk != "checkpoints"} for k, v in results.items()}, indent=2))
 
 

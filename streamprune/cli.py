@@ -184,12 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("source", metavar="SOURCE",
                     help="file, sample:NAME, webcam[:N] or /dev/videoN, rtsp:// http(s):// udp:// tcp:// URL, "
                          "or synthetic[:static|moving-box]")
-    st.add_argument("--model", default="tiny", help="a LLaVA-OneVision hub ID or folder, or 'tiny' [tiny]")
+    st.add_argument("--model", default="tiny", help="hub ID, local folder, or a tiny offline model: tiny (LLaVA-OneVision), "
+                    "tiny-llava-video, tiny-qwen2.5-vl, tiny-qwen3-vl, tiny-smolvlm2 (random weights) [tiny]")
     st.add_argument("--retain", type=_ratio, default=0.1, help="fraction of each segment's tokens kept [0.1]")
     st.add_argument("--ask", metavar="TEXT", help="question to answer from the stream")
     st.add_argument("--every", type=_ratio, metavar="SECONDS", help="ask every SECONDS of stream time (else once at the end)")
     st.add_argument("--max-context-tokens", type=int, help="KV-cache budget; older segments are merged, then evicted")
-    st.add_argument("--lookahead", type=int, default=8, help="frames that must follow a segment before it closes [8]")
+    st.add_argument("--lookahead", type=int, default=8, help="token grids (frames; frame pairs on Qwen-VL) that must follow a segment "
+                    "before it closes [8]")
     st.add_argument("--ui", choices=["terminal", "web", "none"], default=None,
                     help="live view [terminal on a TTY, else none]")
     st.add_argument("--port", type=int, default=0, help="web view port on 127.0.0.1 [any free]")

@@ -141,7 +141,7 @@ class VideoLLMAdapter:
 
     model_type: ClassVar[str]
     frames_per_grid: ClassVar[int] = 1  # video frames one token grid stands for
-    supports_streaming: ClassVar[bool] = False  # StreamEngine's incremental prefill (1-D, one newline)
+    supports_streaming: ClassVar[bool] = False  # StreamEngine's incremental prefill (`stream_layout`)
     grid_hw: tuple[int, int]
 
     def __init__(self, model, processor) -> None:
@@ -187,6 +187,18 @@ class VideoLLMAdapter:
         """The prompt with its video placeholders replaced by `tokens` in the model's layout. `encoded` (the
         vision output `tokens` came from) is needed only by models with `side_features` (Qwen3-VL)."""
         raise NotImplementedError
+
+    def encode_frames(self, frames: np.ndarray, timestamps: np.ndarray | None = None,
+                      encoder: VisionEncoder | None = None) -> EncodedVideo:
+        """Encode frames [F, H, W, 3] uint8 (whole token grids: F a multiple of `frames_per_grid`) on their own,
+        as the streaming engine does one grid at a time; the numbers are those of the same frames within a
+        clip (each grid is encoded on its own either way)."""
+        return self.encode(self.prepare(frames, "", timestamps), encoder=encoder)
+
+    def stream_layout(self):
+        """A fresh `models.streaming.StreamLayout`: how this model's prompt is laid out around a video that
+        arrives segment by segment."""
+        raise ConfigError(f"streaming is not supported for {self.model_type}")
 
     def vision_encoder(self, config: EncoderConfig) -> VisionEncoder:
         raise ConfigError(f"encoder-side reduction (--encoder) is not supported for {self.model_type} yet; "

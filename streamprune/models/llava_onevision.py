@@ -100,6 +100,15 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         prompt_inputs = PromptInputs(out["input_ids"], out["attention_mask"], out["pixel_values_videos"])
         return prompt_inputs.to(self.device, self.dtype)
 
+    def encode_frames(self, frames: np.ndarray, timestamps: np.ndarray | None = None,
+                      encoder: VisionEncoder | None = None) -> EncodedVideo:
+        return self.encode_pixels(self.pixel_values(frames), encoder=encoder)
+
+    def stream_layout(self):
+        from streamprune.models.streaming import OneVisionLayout
+
+        return OneVisionLayout(self)
+
     def pixel_values(self, frames: np.ndarray) -> torch.Tensor:
         """Frames [T, H, W, 3] uint8 → the model's pixel_values_videos [1, T, 3, S, S] (its device and dtype)."""
         out = self.processor.video_processor(videos=[frames], return_tensors="pt")

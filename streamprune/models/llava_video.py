@@ -95,7 +95,11 @@ class LlavaVideoAdapter(LlavaOnevisionAdapter):
     every grid row of every frame (182 rows per frame unreduced), 1-D positions."""
 
     model_type = "llava_onevision"
-    supports_streaming = False  # StreamEngine prefills OneVision's one trailing newline
+
+    def stream_layout(self):
+        from streamprune.models.streaming import LlavaVideoLayout
+
+        return LlavaVideoLayout(self)
 
     @classmethod
     def matches(cls, config) -> bool:

@@ -79,6 +79,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
 
     model_type = "qwen2_5_vl"
     frames_per_grid = 2
+    supports_streaming = True
 
     def __init__(self, model, processor) -> None:
         super().__init__(model, processor)
@@ -229,6 +230,11 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
                            torch.cat([text_row, rope]))
         self.add_side_inputs(inputs, tokens, order, encoded)
         return inputs
+
+    def stream_layout(self):
+        from streamprune.models.streaming import Qwen2_5_VLLayout
+
+        return Qwen2_5_VLLayout(self)
 
     def add_side_inputs(self, inputs: LLMInputs, tokens: VisualTokens, order: torch.Tensor,
                         encoded: EncodedVideo | None) -> None:

@@ -59,6 +59,11 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
                                      * vision.depth)
         return EncoderStats(grids, grids, grids * patches, grids * patches, flops, flops)
 
+    def stream_layout(self):
+        from streamprune.models.streaming import Qwen3VLLayout
+
+        return Qwen3VLLayout(self)
+
     @property
     def deepstack_layers(self) -> int:
         return len(self.config.vision_config.deepstack_visual_indexes)

@@ -100,6 +100,7 @@ class SmolVLM2Adapter(VideoLLMAdapter):
     image markers, 1-D positions."""
 
     model_type = "smolvlm"
+    supports_streaming = True
 
     def __init__(self, model, processor) -> None:
         super().__init__(model, processor)
@@ -115,6 +116,11 @@ class SmolVLM2Adapter(VideoLLMAdapter):
     @property
     def language_model(self) -> torch.nn.Module:
         return self.model.model.text_model
+
+    def stream_layout(self):
+        from streamprune.models.streaming import SmolVLM2Layout
+
+        return SmolVLM2Layout(self)
 
     @property
     def tower(self) -> Tower:
