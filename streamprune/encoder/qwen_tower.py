@@ -48,7 +48,14 @@ from streamprune.encoder.encoder import EncoderStats
 from streamprune.encoder.tower import attention_probs
 from streamprune.flops import vision_flops
 from streamprune.reduce.reuse import patch_change, reuse_mask
-from streamprune.reduce.vit import MERGE_METHODS, MergeMethod, TokenState, apply_transform, merge_schedule, unmerge
+from streamprune.reduce.vit import (
+    MERGE_METHODS,
+    MergeMethod,
+    TokenState,
+    apply_transform,
+    merge_schedule,
+    unmerge,
+)
 
 ProgressFn = Callable[[int, int], None]
 
