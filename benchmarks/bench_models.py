@@ -7,11 +7,15 @@ TTFT = vision + reduction + prefill to the first token.
 
 Fidelity proxies against the unreduced model (not task accuracy; random weights): KL of the first answer
 token's distribution, mean KL and top-1 agreement over `--steps` teacher-forced answer positions (the
-unreduced model's greedy answer). On Qwen2.5-VL each retain ratio runs twice: reduced tokens keeping
+unreduced model's greedy answer). With `--encoder SPEC` the tower runs again with encoder-side reduction
+(on Qwen, `streamprune.encoder.qwen_tower`), its own vision time enters its rows' TTFT, and the rows give
+the tower output's mean cosine to the full encode. On Qwen2.5-VL each retain ratio runs twice: reduced tokens keeping
 their original 3-D M-RoPE positions, and the naive alternative, every row renumbered 1-D like text.
 
     .venv/bin/python -m benchmarks.bench_models --model qwen2.5-vl-3b
     .venv/bin/python -m benchmarks.bench_models --model smolvlm2-500m
+    .venv/bin/python -m benchmarks.bench_models --model qwen2.5-vl-3b --max-pixels 200704 --retain 0.1 \
+        --encoder reuse+tome --out benchmarks/results/models_qwen2.5-vl-3b_encoder.json   # inside Qwen's ViT
     .venv/bin/python -m benchmarks.bench_models --model tiny-qwen2.5-vl --steps 16 --videos bigbuckbunny bikes \
         carphone_distorted carphone_pristine      # the positions ablation on a model that reacts to positions
 """

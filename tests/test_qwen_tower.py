@@ -210,12 +210,13 @@ def test_runner_makes_no_tensor_without_a_device(qwen, prompt, spec):
     assert received.dtype == torch.float32 and abs(float(received.sum()) - 1) < 1e-3
 
 
-def test_cli_summarize_runs_encoder_side_reduction_on_qwen(sample_video, qwen):
+def test_cli_summarize_runs_encoder_side_reduction_on_qwen(sample_video, qwen, tmp_path):
     name = "tiny-qwen2.5-vl" if qwen.model_type == "qwen2_5_vl" else "tiny-qwen3-vl"
     res = run_cli("summarize", str(sample_video), "--model", name, "--frames", "8", "--encoder", "reuse+tome",
-                  "--retain", "0.1", "--max-new-tokens", "1", "--json")
+                  "--retain", "0.1", "--max-new-tokens", "1", "--json", "--save-viz", str(tmp_path / "v.png"))
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     encoder = report["encoder"]
     assert encoder["spec"] == "reuse:1+tome:0.5" and encoder["flops"] < encoder["flops_full"]
     assert report["flops"]["vision"] < report["flops"]["vision_unreduced"]
+    assert (tmp_path / "v_encoder.png").exists()  # recomputed patches drawn on the frame pairs' patch grid

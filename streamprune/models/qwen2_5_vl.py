@@ -147,6 +147,11 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         return EncodedVideo(torch.cat(features).view(t, tokens, -1), torch.cat(scores).view(t, tokens),
                             grid_hw, self.tower_stats(t, per_grid), side_features=side_features)
 
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """Vision patches per frame (rows, columns) of the last prepared video."""
+        return self.grid_hw[0] * self.merge, self.grid_hw[1] * self.merge
+
     def vision_encoder(self, config: EncoderConfig) -> QwenVisionEncoder:
         """Encoder-side reduction over this model's vision transformer (`encoder.qwen_tower`: reuse per
         attention window on Qwen2.5-VL, per 2×2 merge group on Qwen3-VL; merging inside windows). It keeps
