@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from streamprune.encoder import EncoderConfig
@@ -288,7 +289,10 @@ def finish(opts: SummarizeOptions, run: EncodedRun, progress: ProgressFn | None 
 
             path = Path(opts.save_viz)
             report.viz_encoder = str(path.with_name(path.stem + "_encoder" + path.suffix))
-            render_recomputed(clip.frames, encoded.recomputed.numpy(), (adapter.patch_side, adapter.patch_side),
+            # one row per token grid (a frame pair on Qwen): shown on each of its frames
+            recomputed = np.repeat(encoded.recomputed.cpu().numpy(), adapter.frames_per_grid, 0)[:len(clip.frames)]
+            grid = getattr(adapter, "patch_grid", None) or (adapter.patch_side, adapter.patch_side)
+            render_recomputed(clip.frames, recomputed, grid,
                               title=f"{Path(clip.path).name} · vision tower with --encoder {opts.encoder.name}",
                               path=report.viz_encoder)
     return report

@@ -202,7 +202,8 @@ class VideoLLMAdapter:
 
     def vision_encoder(self, config: EncoderConfig) -> VisionEncoder:
         raise ConfigError(f"encoder-side reduction (--encoder) is not supported for {self.model_type} yet; "
-                          "it runs on SigLIP towers (LLaVA-OneVision, LLaVA-Video, SmolVLM2, SmolVLA, pi0)")
+                          "it runs on SigLIP towers (LLaVA-OneVision, LLaVA-Video, SmolVLM2, SmolVLA, pi0) "
+                          "and Qwen-VL towers (Qwen2.5-VL, Qwen3-VL)")
 
     @torch.no_grad()
     def generate(self, inputs: LLMInputs, max_new_tokens: int, logits_processor=None, compile: bool = False,

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import yaml
 
-from streamprune.encoder import EncoderStats
+from streamprune.encoder import EncoderConfig, EncoderStats
+from streamprune.encoder.qwen_tower import QwenVisionEncoder, qwen_tower, window_raster_order
 from streamprune.flops import vision_flops
 from streamprune.models.base import (
     EncodedVideo,
@@ -56,22 +57,6 @@ def received_attention_grids(hidden: torch.Tensor, attn: torch.nn.Module, positi
     received = torch.cat([torch.softmax(q[i:i + step] @ k[i:i + step].transpose(-1, -2) * attn.scaling, -1).sum(1)
                           for i in range(0, q.shape[0], step)])  # [G·heads, per_grid]
     return (received.view(-1, heads, per_grid).sum(1) / (heads * per_grid)).flatten()
-
-
-def window_raster_order(grid_hw: tuple[int, int], window: int, device: torch.device | None = None) -> torch.Tensor:
-    """Where each token of one grid sits in Qwen2.5-VL's window order: [H·W] long, raster → window index.
-
-    The ViT runs tokens window by window (`window`×`window` tokens per window, windows row-major, tokens
-    row-major within a window; the model's window index, which it undoes after the merger). Values in
-    window order v [H·W] come back to raster order as v[window_raster_order(...)] (the argsort of the
-    model's window index), computed here as the rank of each token's (window, row, column) key.
-    """
-    h, w = grid_hw
-    rows = torch.arange(h, device=device)[:, None]
-    cols = torch.arange(w, device=device)[None, :]
-    windows_per_row = -(-w // window)
-    key = (((rows // window) * windows_per_row + cols // window) * window + rows % window) * window + cols % window
-    return torch.argsort(torch.argsort(key.flatten()))
 
 
 class Qwen2_5_VLAdapter(VideoLLMAdapter):
@@ -119,11 +104,16 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
                encoder=None) -> EncodedVideo:
         """The model's own vision tower, a few frame pairs at a time (each pair is attended on its own, so
         batching does not change the numbers). Returns features [G, N, D] (G frame pairs, N = H·W tokens
-        in raster order; model dtype) and attention [G, N] (float32)."""
-        if encoder is not None and encoder.config.active:
-            self.vision_encoder(encoder.config)  # raises: not supported for this tower
+        in raster order; model dtype) and attention [G, N] (float32).
+
+        With an active `encoder` (see `vision_encoder`) our loop over the tower's blocks runs instead, with
+        temporal reuse and/or merging; its state persists across calls until its `reset`."""
         grid_thw = prompt.extra["video_grid_thw"]
         t, h, w = (int(x) for x in grid_thw[0])
+        if encoder is not None and encoder.config.active:
+            out = encoder.encode(prompt.pixel_values_videos, (t, h, w), progress)
+            return EncodedVideo(out.features, out.attention, (h // self.merge, w // self.merge), encoder.take_stats(),
+                                out.recomputed, side_features=out.side)
         per_grid = h * w  # patches per frame pair
         grid_hw = (h // self.merge, w // self.merge)
         order = self.token_order(grid_hw, grid_thw.device)  # the blocks' token order → raster, per grid
@@ -157,6 +147,19 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         side_features = [torch.cat(layer).view(t, tokens, -1) for layer in zip(*side, strict=True)]
         return EncodedVideo(torch.cat(features).view(t, tokens, -1), torch.cat(scores).view(t, tokens),
                             grid_hw, self.tower_stats(t, per_grid), side_features=side_features)
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """Vision patches per frame (rows, columns) of the last prepared video."""
+        return self.grid_hw[0] * self.merge, self.grid_hw[1] * self.merge
+
+    def vision_encoder(self, config: EncoderConfig) -> QwenVisionEncoder:
+        """Encoder-side reduction over this model's vision transformer (`encoder.qwen_tower`: reuse per
+        attention window on Qwen2.5-VL, per 2×2 merge group on Qwen3-VL; merging inside windows). It keeps
+        reuse state across `encode` calls until its `reset`."""
+        std = getattr(self.processor.video_processor, "image_std", None) or [0.5]
+        std = sum(std) / len(std) if isinstance(std, (list, tuple)) else float(std)
+        return QwenVisionEncoder(qwen_tower(self.model.model.visual), config, pixel_level=1 / 255 / std)
 
     def importance_block(self) -> torch.nn.Module:
         """The vision block whose attention gives the importance: the last full-attention one."""
