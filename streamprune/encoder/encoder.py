@@ -95,7 +95,22 @@ class _Reference:
     rows: torch.Tensor | None = None
 
 
-class VisionEncoder:
+class ReferenceState:
+    """What every encoder with temporal reuse shares: the reference the next frame may reuse, and stats."""
+
+    stats: EncoderStats
+
+    def reset(self) -> None:
+        """Forget the reference frame (a new video, stream or episode)."""
+        self._ref = None
+
+    def take_stats(self) -> EncoderStats:
+        """The stats so far, and start counting afresh."""
+        stats, self.stats = self.stats, EncoderStats()
+        return stats
+
+
+class VisionEncoder(ReferenceState):
     def __init__(self, tower: Tower, config: EncoderConfig, attention: bool = False, frames_per_batch: int = 8) -> None:
         self.tower = tower
         self.config = config
@@ -107,15 +122,6 @@ class VisionEncoder:
         self._flops_full = full_encode_stats(tower, 1).flops
         self.stats = EncoderStats()
         self.reset()
-
-    def reset(self) -> None:
-        """Forget the reference frame (a new video or episode)."""
-        self._ref: _Reference | None = None
-
-    def take_stats(self) -> EncoderStats:
-        """The stats so far, and start counting afresh."""
-        stats, self.stats = self.stats, EncoderStats()
-        return stats
 
     # ------------------------------------------------------------------------------------------ public
     @torch.no_grad()

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamprune.encoder.config import EncoderConfig
-from streamprune.encoder.encoder import EncoderStats
+from streamprune.encoder.encoder import EncoderStats, ReferenceState
 from streamprune.encoder.tower import attention_probs
 from streamprune.flops import vision_flops
 from streamprune.reduce.reuse import patch_change, reuse_mask
@@ -391,7 +391,7 @@ class _Reference:
     received: torch.Tensor
 
 
-class QwenVisionEncoder:
+class QwenVisionEncoder(ReferenceState):
     """A Qwen-VL vision tower with encoder-side reduction, temporal patch group after group.
 
     State (the reference group) persists across `encode` calls until `reset`. `pixel_level`: one 0–255
@@ -407,14 +407,6 @@ class QwenVisionEncoder:
         self._layouts: dict = {}
         self.stats = EncoderStats()
         self.reset()
-
-    def reset(self) -> None:
-        """Forget the reference group (a new video or stream)."""
-        self._ref: _Reference | None = None
-
-    def take_stats(self) -> EncoderStats:
-        stats, self.stats = self.stats, EncoderStats()
-        return stats
 
     def layout(self, grid: tuple[int, int], device: torch.device) -> GroupLayout:
         key = (grid, str(device))
