@@ -16,8 +16,8 @@ from pathlib import Path
 from streamprune.fidelity import compare
 from streamprune.flops import prefill_flops
 from streamprune.models import load_video_llm
-from streamprune.models.inner_stage import InnerConfig, default_layer
 from streamprune.reduce.holitom import default_tau
+from streamprune.reduce.inner_cuts import InnerConfig, default_layer
 from streamprune.sources import list_sample_videos, read_video
 
 FASTV_LAYER = 1

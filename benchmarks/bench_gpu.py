@@ -41,10 +41,10 @@ import yaml
 from streamprune.encoder import parse_encoder
 from streamprune.models.base import LLMInputs, VideoLLMAdapter
 from streamprune.models.generation import generate_static
-from streamprune.models.inner_stage import InnerConfig, method_inner
 from streamprune.models.tiny import CONFIG_DIR
 from streamprune.reduce import METHODS, get_method, reduce_tokens
 from streamprune.reduce.holitom import default_tau
+from streamprune.reduce.inner_cuts import InnerConfig, method_inner
 from streamprune.runtime import resolve_runtime
 from streamprune.summarize import DEFAULT_PROMPT, PrefillProbe
 from streamprune.tokens import VisualTokens

@@ -13,7 +13,8 @@ import time
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from streamprune.models.inner_stage import InnerConfig, InnerStage
+from streamprune.models.inner_stage import InnerStage
+from streamprune.reduce.inner_cuts import InnerConfig
 
 LENGTHS = (703, 1644)  # retain 0.1 and 0.25 of 32×196 tokens, + prompt text
 

@@ -21,11 +21,11 @@ import torch
 
 from streamprune.flops import fastv_prefill_flops, prefill_flops
 from streamprune.models.base import LLMInputs, VideoLLMAdapter
-from streamprune.models.inner_stage import InnerConfig, default_layer
 from streamprune.models.llava_onevision import LlavaOnevisionAdapter
 from streamprune.models.tiny import byte_level_tokenizer, tiny_model_dir
 from streamprune.reduce import reduce_tokens, temporal_segments
 from streamprune.reduce.holitom import default_tau
+from streamprune.reduce.inner_cuts import InnerConfig, default_layer
 from streamprune.sources import read_video, sample_video_path
 from streamprune.summarize import cache_bytes
 

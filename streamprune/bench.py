@@ -32,8 +32,8 @@ from streamprune.extras import has_extra
 from streamprune.fidelity import against, reference
 from streamprune.flops import prefill_flops
 from streamprune.models.base import LLMInputs, VideoLLMAdapter
-from streamprune.models.inner_stage import InnerConfig, method_inner
 from streamprune.reduce import METHODS, check_retain, get_method, reduce_tokens
+from streamprune.reduce.inner_cuts import InnerConfig, method_inner
 from streamprune.runtime import Runtime
 from streamprune.sources import read_video, resolve_video_arg
 from streamprune.summarize import (

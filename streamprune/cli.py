@@ -16,9 +16,9 @@ from streamprune.errors import ConfigError, StreamPruneError
 from streamprune.extras import require_extra
 from streamprune.fidelity import run_fidelity
 from streamprune.live import LiveOptions, run_stream
-from streamprune.models.inner_stage import InnerConfig
 from streamprune.policy_eval import CUTS, POLICIES, SELECTIONS, PolicyEvalOptions, run_policy_eval
 from streamprune.reduce import METHODS
+from streamprune.reduce.inner_cuts import InnerConfig
 from streamprune.reduce.presets import resolve_method
 from streamprune.runtime import out_of_memory
 from streamprune.summarize import DEFAULT_PROMPT, SummarizeOptions, SummaryReport, summarize

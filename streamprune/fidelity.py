@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from streamprune.models.base import EncodedVideo, LLMInputs, PromptInputs, VideoLLMAdapter
-from streamprune.models.inner_stage import InnerConfig
 from streamprune.reduce import reduce_tokens
+from streamprune.reduce.inner_cuts import InnerConfig
 from streamprune.tokens import VisualTokens
 
 

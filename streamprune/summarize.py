@@ -18,9 +18,9 @@ from streamprune.models import LoadedModel, load_video_llm
 from streamprune.models.base import EncodedVideo, LLMInputs, PromptInputs
 from streamprune.models.cache_compat import output_cache
 from streamprune.models.generation import check_compilable
-from streamprune.models.inner_stage import InnerConfig, method_inner, validate
 from streamprune.reduce import METHODS, get_method, reduce_tokens
 from streamprune.reduce.holitom import default_tau
+from streamprune.reduce.inner_cuts import InnerConfig, method_inner, validate
 from streamprune.runtime import resolve_runtime
 from streamprune.sources import VideoClip, read_video, resolve_video_arg
 from streamprune.tokens import VisualTokens

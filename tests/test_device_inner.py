@@ -12,8 +12,9 @@ import torch
 
 from streamprune.models import load_video_llm
 from streamprune.models.cache_compat import cache_kwargs
-from streamprune.models.inner_stage import InnerConfig, InnerStage, KVPrune, _gather_seq, _size_bias
+from streamprune.models.inner_stage import InnerStage, _gather_seq, _size_bias
 from streamprune.reduce.inner import InnerStep
+from streamprune.reduce.inner_cuts import InnerConfig, KVPrune
 from tests.conftest import tiny_llama
 from tests.device_checks import check_device_discipline
 from tests.test_inner import batch_inputs

@@ -10,9 +10,9 @@ import torch
 from streamprune.errors import ConfigError
 from streamprune.models import load_video_llm
 from streamprune.models.base import LLMInputs, VideoLLMAdapter
-from streamprune.models.inner_stage import InnerConfig
 from streamprune.models.qwen2_5_vl import received_attention_grids, window_raster_order
 from streamprune.reduce import reduce_tokens
+from streamprune.reduce.inner_cuts import InnerConfig
 from streamprune.runtime import resolve_runtime
 from streamprune.sources import read_video
 from tests.device_checks import assert_on, check_device_discipline

@@ -8,7 +8,7 @@ import pytest
 
 from streamprune.fidelity import compare
 from streamprune.models import load_video_llm
-from streamprune.models.inner_stage import InnerConfig
+from streamprune.reduce.inner_cuts import InnerConfig
 from streamprune.sources import read_video
 from tests.test_summarize import run_cli
 

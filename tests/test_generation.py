@@ -18,8 +18,8 @@ from streamprune.models.generation import (
     generate_static,
     layer_groups,
 )
-from streamprune.models.inner_stage import InnerConfig
 from streamprune.reduce import reduce_tokens
+from streamprune.reduce.inner_cuts import InnerConfig
 
 STEPS = 10
 
@@ -78,8 +78,8 @@ def test_a_second_cut_gets_its_own_layer_group():
     prompt, encoded = _prompt(adapter)
     tokens = reduce_tokens("aim", encoded.features, encoded.attention, encoded.grid_hw, 0.25)
     inputs = adapter.reduced_inputs(prompt, tokens, encoded)
-    from streamprune.models.inner_stage import method_inner
     from streamprune.reduce import get_method
+    from streamprune.reduce.inner_cuts import method_inner
 
     inner = method_inner(get_method("aim"), 0.25, InnerConfig(), adapter.config.text_config.num_hidden_layers)
     with adapter.inner_stage(inputs, inner) as stage:

@@ -9,8 +9,9 @@ import torch
 
 from streamprune import ConfigError
 from streamprune.models.cache_compat import output_cache
-from streamprune.models.inner_stage import InnerConfig, InnerStage, default_layer, validate
+from streamprune.models.inner_stage import InnerStage
 from streamprune.reduce.inner import MergePlan, apply_plan, bipartite_plan, make_plan, merge_weights
+from streamprune.reduce.inner_cuts import InnerConfig, default_layer, validate
 
 # ---------------------------------------------------------------- pure functions
 

@@ -9,8 +9,9 @@ import torch
 
 from streamprune import ConfigError
 from streamprune.models.cache_compat import output_cache
-from streamprune.models.inner_stage import InnerConfig, InnerStage, KVPrune, cut_schedule, validate
+from streamprune.models.inner_stage import InnerStage
 from streamprune.reduce.inner import CRITERIA, InnerStep, step_plan, uniform_picks
+from streamprune.reduce.inner_cuts import InnerConfig, KVPrune, cut_schedule, validate
 from tests.test_inner import batch_inputs, cached_greedy, nocache_logits
 
 # ---------------------------------------------------------------- pure functions

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from streamprune import ConfigError
-from streamprune.models.inner_stage import InnerConfig, method_inner, validate
 from streamprune.reduce import METHODS, outer_retain, reduce_tokens
+from streamprune.reduce.inner_cuts import InnerConfig, method_inner, validate
 from streamprune.reduce.methods import INNER, KV_CACHE, PRE_LLM
 from streamprune.reduce.presets import PRESET_DIR, load_preset, resolve_method
 from streamprune.tokens import Fate

@@ -14,12 +14,12 @@ from streamprune import ConfigError
 from streamprune.encoder import parse_encoder
 from streamprune.engine import StreamEngine
 from streamprune.models import adapter_for, load_video_llm
-from streamprune.models.inner_stage import InnerConfig
 from streamprune.models.llava_onevision import LlavaOnevisionAdapter
 from streamprune.models.llava_video import LlavaVideoAdapter
 from streamprune.models.tiny import tiny_model_dir
 from streamprune.reduce import reduce_tokens
 from streamprune.reduce.holitom import default_tau
+from streamprune.reduce.inner_cuts import InnerConfig
 from streamprune.sources import read_video
 from tests.adapter_checks import assert_cached_equals_nocache
 from tests.test_summarize import run_cli

@@ -12,10 +12,10 @@ import torch
 
 from streamprune.errors import ConfigError
 from streamprune.models import load_video_llm
-from streamprune.models.inner_stage import InnerConfig
 from streamprune.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from streamprune.models.qwen3_vl import Qwen3VLAdapter
 from streamprune.reduce import reduce_tokens
+from streamprune.reduce.inner_cuts import InnerConfig
 from streamprune.sources import read_video
 from streamprune.tokens import VisualTokens
 from tests.adapter_checks import assert_cached_equals_nocache

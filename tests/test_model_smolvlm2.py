@@ -15,9 +15,9 @@ from num2words import num2words
 from streamprune.encoder import parse_encoder
 from streamprune.models import load_video_llm
 from streamprune.models.base import raster_order
-from streamprune.models.inner_stage import InnerConfig
 from streamprune.models.smolvlm2 import SmolVLM2Adapter, pool_patch_scores
 from streamprune.reduce import reduce_tokens
+from streamprune.reduce.inner_cuts import InnerConfig
 from streamprune.sources import read_video
 from streamprune.tokens import Fate, VisualTokens
 from tests.adapter_checks import assert_cached_equals_nocache

@@ -15,9 +15,9 @@ from streamprune.encoder import parse_encoder
 from streamprune.engine import StreamConfig, StreamEngine
 from streamprune.models import load_video_llm
 from streamprune.models.base import LLMInputs
-from streamprune.models.inner_stage import InnerConfig
 from streamprune.models.streaming import rope_index_is_per_grid
 from streamprune.reduce.holitom import default_tau, holitom_reduce
+from streamprune.reduce.inner_cuts import InnerConfig
 from streamprune.sources import read_video
 from streamprune.summarize import SummarizeOptions, summarize
 from streamprune.ui.web import WebDashboard

@@ -66,18 +66,107 @@ def test_bipartite_matching_merges_the_r_most_similar_a_tokens_into_their_partne
     # A = even positions, B = odd. A0 ≈ B3, A2 ≈ B1 (very close), A4 is unlike anything.
     metric = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.05, 1.0, 0.0],
                             [1.0, 0.2, 0.0], [0.0, 0.0, 1.0], [0.0, 0.7, 0.7]]])
-    step = bipartite_soft_matching(metric, r=2)
+    step = bipartite_soft_matching(metric, r=2, order="raster")
     assert step.num_out == 4
     # survivors keep their order: 1, 3, 4, 5 → 0, 1, 2, 3; A2 → B1 (0), A0 → B3 (1)
     assert step.dest.tolist() == [[1, 0, 0, 1, 2, 3]]
     merged = apply_transform(TokenState.start(metric), step)
     assert merged.size.tolist() == [[2.0, 2.0, 1.0, 1.0]]
     assert torch.allclose(merged.x[0, 0], (metric[0, 1] + metric[0, 2]) / 2)
+    # the release's order: unmerged A (A4), then B (1, 3, 5); A2 → B1 (1), A0 → B3 (2)
+    step = bipartite_soft_matching(metric, r=2)
+    assert step.dest.tolist() == [[2, 1, 1, 2, 0, 3]] and step.kept.tolist() == [[4, 1, 3, 5]]
+    merged = apply_transform(TokenState.start(metric), step)
+    assert merged.size.tolist() == [[1.0, 2.0, 2.0, 1.0]] and merged.position.tolist() == [[4, 1, 3, 5]]
+    assert torch.allclose(merged.x[0, 1], (metric[0, 1] + metric[0, 2]) / 2)
 
 
-def test_bipartite_matching_cannot_remove_more_than_the_a_set():
-    step = bipartite_soft_matching(torch.randn(1, 5, 4), r=9)
-    assert step.num_out == 2  # |A| = 3 of 5
+def test_bipartite_matching_removes_at_most_half_as_the_release():
+    for order in ("tome", "raster"):
+        step = bipartite_soft_matching(torch.randn(1, 5, 4), r=9, order=order)
+        assert step.num_out == 3  # ⌊5/2⌋ removed
+    with pytest.raises(ValueError, match="order"):
+        bipartite_soft_matching(torch.randn(1, 4, 4), r=1, order="sorted")
+
+
+# ToMe over stacked layers. Tokens are unit vectors in the plane at these angles (cosine = cos of the angle
+# between them); each step's metric is the tokens themselves.
+#   step 1 (r=1): A = 0 (40°), 2 (80°), 4 (155°); B = 1 (20°), 3 (35°), 5 (120°). Best edges: A0–B3 5°,
+#     A4–B5 35°, A2–B5 40°, so A0 joins B3 → {0,3} at 37.5°. Release order: [4, 2, 1, {0,3}, 5];
+#     raster order: [1, 2, {0,3}, 4, 5].
+#   step 2 (r=1), release order: A = 4, 1, 5; B = 2, {0,3}: best edge 1–{0,3} (17.5°) → {0,1,3};
+#                 the unmerged A by edge similarity (5: 40°, 4: 75°), then B: [5, 4, 2, {0,1,3}].
+#                 raster order:  A = 1, {0,3}, 5; B = 2, 4: best edge 5–4 (35°) → {4,5}.
+STACKED_ANGLES = (40, 20, 80, 35, 155, 120)
+
+
+def released_tome_step(x: torch.Tensor, size: torch.Tensor, sources: list[list[int]], r: int):
+    """One merge as ToMe's paper and released code describe it, restated on one frame: x [L, C], size [L],
+    sources[i] the original tokens token i stands for. Alternate split (A even, B odd); each A token's edge
+    is its most cosine-similar B token; the r A tokens with the most similar edges are added into their B
+    token (size-weighted mean); the output is [unmerged A in the order of the similarity sort, then B]."""
+    a, b = x[0::2], x[1::2]
+    sim = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+    best, partner = sim.max(-1)
+    order = best.argsort(descending=True).tolist()
+    merged, unmerged = order[:r], order[r:]
+    b_sum, b_size = b * size[1::2, None], size[1::2].clone()
+    b_sources = [list(s) for s in sources[1::2]]
+    for i in merged:
+        j = int(partner[i])
+        b_sum[j] += a[i] * size[2 * i]
+        b_size[j] += size[2 * i]
+        b_sources[j] = sorted(b_sources[j] + sources[2 * i])
+    out_x = torch.cat([a[unmerged], b_sum / b_size[:, None]])
+    out_size = torch.cat([size[0::2][unmerged], b_size])
+    out_sources = [sources[2 * i] for i in unmerged] + b_sources
+    # the token each output continues (its grid position): an unmerged A token, or the B token itself
+    continues = [2 * i for i in unmerged] + list(range(1, x.shape[0], 2))
+    return out_x, out_size, out_sources, continues
+
+
+def stacked_tokens() -> torch.Tensor:
+    angles = torch.tensor(STACKED_ANGLES, dtype=torch.float64).deg2rad()
+    return torch.stack([angles.cos(), angles.sin()], -1)[None]  # [1, 6, 2]
+
+
+def stacked_merge(order: str, steps: int = 2) -> TokenState:
+    state = TokenState.start(stacked_tokens())
+    for _ in range(steps):
+        state = apply_transform(state, bipartite_soft_matching(state.x, 1, order=order))
+    return state
+
+
+def sources_of(state: TokenState) -> list[list[int]]:
+    owner = state.owner[0].tolist()
+    return [[p for p, o in enumerate(owner) if o == j] for j in range(state.num_tokens)]
+
+
+def test_tome_order_over_stacked_steps_equals_the_released_algorithm():
+    x, size = stacked_tokens()[0], torch.ones(6, dtype=torch.float64)
+    sources, position = [[i] for i in range(6)], list(range(6))
+    for _ in range(2):
+        x, size, sources, continues = released_tome_step(x, size, sources, 1)
+        position = [position[i] for i in continues]
+    assert sources == [[5], [4], [2], [0, 1, 3]]  # the hand-worked merges above
+    ours = stacked_merge("tome")
+    assert sources_of(ours) == sources  # the same tokens, in the same order
+    assert ours.size[0].tolist() == size.tolist() == [1.0, 1.0, 1.0, 3.0]
+    assert ours.position[0].tolist() == position == [5, 4, 2, 3]
+    assert torch.allclose(ours.x[0], x)
+    # unmerging copies each token back to exactly the patches it stands for
+    grid = unmerge(ours.x, ours.owner)[0]
+    for token, patches in enumerate(sources):
+        assert torch.equal(grid[patches], ours.x[0, token].expand(len(patches), -1))
+
+
+def test_raster_order_merges_differently_over_stacked_steps():
+    assert sources_of(stacked_merge("tome", steps=1)) == [[4], [2], [1], [0, 3], [5]]
+    assert sorted(sources_of(stacked_merge("raster", steps=1))) == [[0, 3], [1], [2], [4], [5]]  # step 1: same
+    raster = stacked_merge("raster")
+    assert sources_of(raster) == [[1], [2], [0, 3], [4, 5]]  # step 2 merged 5 into 4, not 1 into {0, 3}
+    assert raster.position[0].tolist() == [1, 2, 3, 4]
+    assert torch.allclose(raster.size.sum(), torch.tensor(6.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", sorted(MERGE_METHODS))

@@ -31,7 +31,7 @@ from dataclasses import replace
 
 from streamprune.errors import ConfigError
 from streamprune.models import load_video_llm
-from streamprune.models.inner_stage import InnerConfig
+from streamprune.reduce.inner_cuts import InnerConfig
 from streamprune.summarize import SummarizeOptions, SummaryReport, summarize
 
 try:

@@ -28,7 +28,8 @@ import torch
 
 from streamprune.encoder import EncoderConfig, EncoderStats, VisionEncoder
 from streamprune.errors import ConfigError
-from streamprune.models.inner_stage import InnerConfig, InnerStage
+from streamprune.models.inner_stage import InnerStage
+from streamprune.reduce.inner_cuts import InnerConfig
 from streamprune.tokens import VisualTokens
 
 ProgressFn = Callable[[int, int], None]

@@ -26,9 +26,9 @@ from streamprune.encoder import EncoderStats
 from streamprune.errors import ConfigError
 from streamprune.flops import vision_flops
 from streamprune.models.base import EncodedVideo, LLMInputs
-from streamprune.models.inner_stage import InnerConfig, validate
 from streamprune.models.qwen2_5_vl import Qwen2_5_VLAdapter, random_qwen
 from streamprune.models.tiny import save_random
+from streamprune.reduce.inner_cuts import InnerConfig, validate
 from streamprune.tokens import VisualTokens
 
 

@@ -11,9 +11,9 @@ import torch
 from streamprune.encoder import parse_encoder
 from streamprune.models import load_video_llm
 from streamprune.models.generation import generate_static
-from streamprune.models.inner_stage import InnerConfig
 from streamprune.models.llava_video import LlavaVideoAdapter
 from streamprune.reduce import reduce_tokens
+from streamprune.reduce.inner_cuts import InnerConfig
 from streamprune.sources.video import VideoClip
 from streamprune.summarize import SummarizeOptions, encode_clip, finish
 from streamprune.tokens import VisualTokens

@@ -8,8 +8,9 @@ import torch
 
 from streamprune.engine import StreamConfig, StreamEngine
 from streamprune.models import load_video_llm
-from streamprune.models.inner_stage import InnerConfig, InnerStage, KVPrune
+from streamprune.models.inner_stage import InnerStage
 from streamprune.reduce.inner import InnerStep
+from streamprune.reduce.inner_cuts import InnerConfig, KVPrune
 from tests.conftest import tiny_llama
 
 CRITERIA = ["last", "text", "received", "last-norope", "transition"]

@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from streamprune.reduce.inner_cuts import InnerConfig, InnerStep, cut_schedule
 from streamprune.reduce.methods.base import INNER, PRE_LLM, Method, assemble, check_inputs, frame_quotas
 from streamprune.tokens import VisualTokens
 
@@ -140,8 +141,6 @@ def aim_inner(retain: float, num_layers: int, inner_full_layers: int = DEFAULTS[
               inner_decoder_layers: int = DEFAULTS["inner_decoder_layers"], **_: object):
     """AIM's progressive pruning inside the LLM: from layer 15 of 28, every layer keeps 12.5% fewer of the visual
     tokens that entered, by attention received, until none are left at layer 22."""
-    from streamprune.models.inner_stage import InnerConfig, InnerStep, cut_schedule
-
     layers = tuple(range(inner_full_layers, inner_zero_from_layer + 1))
     shares = tuple(max(0.0, 1 - (k - inner_full_layers + 1) * inner_step) for k in layers)
     cuts = cut_schedule(layers, shares, num_layers, inner_decoder_layers)

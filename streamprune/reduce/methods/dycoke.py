@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from streamprune.reduce.holitom import allocate_budget, host_ints
+from streamprune.reduce.inner_cuts import InnerConfig, KVPrune, scaled_layer
 from streamprune.reduce.methods.base import (
     KV_CACHE,
     PRE_LLM,
@@ -135,8 +136,6 @@ def dycoke_inner(retain: float, num_layers: int, kv_layer: int = DEFAULTS["kv_la
                  **_: object):
     """DyCoke's second stage: dynamic KV-cache pruning while decoding (layer L = 3 of LLaVA-OV-7B's 28, scaled to
     the decoder's depth); the prefill is untouched."""
-    from streamprune.models.inner_stage import InnerConfig, KVPrune, scaled_layer
-
     return InnerConfig(kv=KVPrune(layer=scaled_layer(kv_layer, 28, num_layers), ratio=kv_prune,
                                   refresh=kv_refresh_similarity))
 

@@ -9,6 +9,7 @@ and the share kept is `retain` (the paper's R = 50% is retain 0.5). Every visual
 
 from __future__ import annotations
 
+from streamprune.reduce.inner_cuts import InnerConfig, InnerStep, scaled_layer
 from streamprune.reduce.methods.base import INNER, Method
 
 PAPER = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024 (arXiv 2403.06764)"
@@ -19,8 +20,6 @@ def fastv_inner(retain: float, num_layers: int, layer: int = DEFAULTS["layer"],
                 reference_layers: int = DEFAULTS["reference_layers"], **_: object):
     """Keeps the `retain` share of visual tokens with the highest last-token attention at layer K−1 and drops
     the rest at layer K (one cut, inside the LLM)."""
-    from streamprune.models.inner_stage import InnerConfig, InnerStep, scaled_layer
-
     return InnerConfig(steps=(InnerStep(scaled_layer(layer, reference_layers, num_layers), 1 - retain, "last", "drop"),))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+from streamprune.reduce.inner_cuts import InnerConfig, InnerStep, cut_schedule
 from streamprune.reduce.methods.base import INNER, Method
 
 PAPER = "Endo et al., Feather the Throttle: Revisiting Visual Token Pruning for VLM Acceleration, ICCV 2025 (arXiv 2412.13180)"
@@ -28,8 +29,6 @@ def feather_inner(retain: float, num_layers: int, layers: tuple[int, int] = DEFA
                   reference_layers: int = DEFAULTS["reference_layers"], stride: int = DEFAULTS["stride"], **_: object):
     """Stage 1 keeps √retain of the visual tokens (uniformly strided ones plus the top by RoPE-free last-token
     attention), stage 2 keeps `retain` of them by the same criterion; both drop, inside the LLM."""
-    from streamprune.models.inner_stage import InnerConfig, InnerStep, cut_schedule
-
     share = math.sqrt(retain)
     uniform = min(1.0, 1 / (stride * stride) / share)
     cuts = cut_schedule(tuple(layers), (share, retain), num_layers, reference_layers)

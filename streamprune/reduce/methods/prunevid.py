@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from streamprune.reduce.holitom import allocate_budget, dpc_knn, host_ints
+from streamprune.reduce.inner_cuts import InnerConfig, InnerStep, scaled_layer
 from streamprune.reduce.methods.base import INNER, PRE_LLM, Method, assemble, check_inputs, video_budget
 from streamprune.tokens import VisualTokens
 
@@ -267,8 +268,6 @@ def prunevid_share(retain: float, inner_keep: float = DEFAULTS["inner_keep"], **
 def prunevid_inner(retain: float, num_layers: int, inner_layer: int = DEFAULTS["inner_layer"],
                    inner_keep: float = DEFAULTS["inner_keep"], **_: object):
     """PruneVid's cut inside the LLM: keep the visual tokens the instruction attends to most at layer 10."""
-    from streamprune.models.inner_stage import InnerConfig, InnerStep, scaled_layer
-
     keep = retain / prunevid_share(retain, inner_keep)
     return InnerConfig(steps=(InnerStep(scaled_layer(inner_layer, 28, num_layers), 1 - keep, "text", "drop"),))
 

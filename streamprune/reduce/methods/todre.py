@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from streamprune.reduce.inner_cuts import InnerConfig, InnerStep, default_layer
 from streamprune.reduce.methods.base import INNER, PRE_LLM, Method, check_inputs, keep_only, video_budget
 from streamprune.reduce.methods.divprune import cosine_distance, farthest_points
 from streamprune.tokens import VisualTokens
@@ -76,8 +77,6 @@ def todre_inner(retain: float, num_layers: int, inner_layer: int | None = DEFAUL
                 inner_ratio: float = DEFAULTS["inner_ratio"], **_: object):
     """ToDRE's task-relevance stage: at a late layer the visual tokens the instruction attends to least leave
     (all of them at the default ratio 1.0, once their information has migrated into the text tokens)."""
-    from streamprune.models.inner_stage import InnerConfig, InnerStep, default_layer
-
     layer = default_layer(num_layers) if inner_layer is None else inner_layer
     return InnerConfig(steps=(InnerStep(layer, inner_ratio, "text", "drop"),))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+from streamprune.reduce.inner_cuts import InnerConfig, InnerStep, cut_schedule
 from streamprune.reduce.methods.base import INNER, Method
 
 PAPER = "Li et al., TransPrune: Token Transition Pruning for Efficient Large Vision-Language Model, CVPR 2026 (arXiv 2507.20630)"
@@ -29,8 +30,6 @@ def transprune_inner(retain: float, num_layers: int, layers: tuple[int, ...] = D
                      reference_layers: int = DEFAULTS["reference_layers"], **_: object):
     """Cuts at three layers, each keeping the visual tokens with the highest TTV + IGA score, until `retain`
     of them are left (drops, inside the LLM)."""
-    from streamprune.models.inner_stage import InnerConfig, InnerStep, cut_schedule
-
     power = math.log(retain) / math.log(shares[-1])
     cuts = cut_schedule(tuple(layers), tuple(s**power for s in shares), num_layers, reference_layers)
     return InnerConfig(steps=tuple(InnerStep(k, ratio, "transition", "drop") for k, ratio, _ in cuts))

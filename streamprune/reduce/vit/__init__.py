@@ -40,6 +40,8 @@ def _methods() -> dict[str, MergeMethod]:
 
     return {
         "tome": MergeMethod("tome", tome.tome, tome.PAPER),
+        # the same matching, survivors kept in raster order instead of the release's order (see tome.py)
+        "tome-raster": MergeMethod("tome-raster", tome.tome_raster, tome.PAPER),
         "zero-tprune": MergeMethod("zero-tprune", zero_tprune.zero_tprune, zero_tprune.PAPER, needs_attention=True,
                                    proportional=False),
         "gtp": MergeMethod("gtp", gtp.gtp, gtp.PAPER, needs_attention=True, proportional=False),
