@@ -8,12 +8,12 @@ import torch
 
 from streamprune import Fate
 from streamprune.reduce.methods import REGISTRY
-from streamprune.reduce.methods.base import video_budget
+from streamprune.reduce.methods.base import frame_quotas, video_budget
 from streamprune.reduce.methods.dtd import dtd, evs
 from streamprune.reduce.methods.dycoke import dycoke_ttm, reference_frames
 from streamprune.reduce.methods.fastvid import anchor_frames, dynamic_segments, fastvid, merge_into_anchors
 from streamprune.reduce.methods.prunevid import prunevid, refine_labels, temporal_windows
-from streamprune.reduce.methods.visionzip import visionzip
+from streamprune.reduce.methods.visionzip import split_quota, visionzip
 
 BUDGETED = ["visionzip", "dycoke", "prunevid", "fastvid", "dtd", "evs"]
 
@@ -149,6 +149,23 @@ def test_visionzip_default_ratio_keeps_54_of_64():
     assert dominant <= kept_positions(out, 0)
     alone = {int(p) for p, s in zip(out.position, out.size, strict=True) if s == 1}
     assert dominant <= alone
+
+
+def test_visionzip_dominant_count_is_floored_as_the_release_at_holitoms_setting():
+    # LLaVA-OneVision, 32 frames of 14×14 tokens, retain 0.1: quotas of 19 and 20. The released code takes
+    # int(q·54/64): 16 dominant for both (round would give 17 for a quota of 20: one token per frame)
+    quotas = frame_quotas(0.1, 32, 196)
+    assert set(quotas) == {19, 20}
+    assert {q: split_quota(q, 54 / 64) for q in quotas} == {19: (16, 3), 20: (16, 4)}
+    # end to end, one frame with a quota of 20: positions 100..116 get the most attention, in that order
+    attention = torch.zeros(1, 196)
+    attention[0, 100:117] = torch.linspace(1.0, 0.5, 17)
+    feats = torch.randn(1, 196, 8, generator=torch.Generator().manual_seed(0))
+    out = visionzip(feats, attention, (14, 14), 20 / 196)
+    assert len(out) == 20
+    assert set(range(100, 116)) <= kept_positions(out, 0)  # the 16 dominant, kept
+    # the 17th is not dominant; the stride targets (every 45th of the 180 others) do not include it
+    assert 116 not in kept_positions(out, 0) and out.fate[0, 116] == Fate.MERGED
 
 
 # ---------------------------------------------------------------- DyCoke

@@ -4,7 +4,8 @@ SPEC is `none`, one method, or temporal reuse plus one merging method joined by 
 optional `:RATIO` (else `--encoder-ratio`, else the method's default):
   reuse             changed patches are recomputed and see the unchanged ones' cached keys/values
   reuse-alone       changed patches are recomputed on their own (cheaper, further from a full encode)
-  tome | zero-tprune | gtp | token-transforming   merging inside the tower's layers
+  tome | tome-raster | zero-tprune | gtp | token-transforming   merging inside the tower's layers
+                    (tome-raster: ToMe with survivors in raster order instead of the release's order)
 e.g. `reuse`, `tome:0.5`, `reuse:0.9+tome:0.5`.
 RATIO is the fraction of the tower's work skipped by that stage: for reuse, the most patches of a frame
 that may be taken from the previous frame (default 1: all that pass the pixel test); for merging, the

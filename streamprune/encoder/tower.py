@@ -142,6 +142,8 @@ def run_layers(tower: Tower, state: TokenState, schedule: Sequence[int] | None =
     unit_sizes: whether every size of `state` is 1 (None: read once here; `TokenState.start` gives True).
     Sizes change only in a merge step, so after that a Python flag says it, without a sync per layer.
     Hidden states keep the tower's dtype; attention probabilities handed to methods and recorded are float32.
+    Tokens come out of a merge in the method's order (`tome`: the release's, not raster); nothing here reads
+    that order: `owner` and `position` carry each token's patches and grid position.
     """
     record = LayerRecord()
     last = len(tower.layers) - 1

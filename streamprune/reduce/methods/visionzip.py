@@ -5,7 +5,8 @@ Longer is Better but Not Necessary in Vision Language Models", CVPR 2025 (arXiv 
 dvlab-research/VisionZip.
 
 Criterion, per frame with quota q (the video budget split over frames by `frame_quotas`):
-- dominant: the round(q · dominant_ratio) tokens that received the most attention, kept as they are;
+- dominant: the ⌊q · dominant_ratio⌋ tokens that received the most attention, kept as they are (the released
+  code's int(); at HoliTom's setting, 196 tokens per frame and retain 0.1, a quota of 20 gives 16, not 17);
 - contextual: the other q − dominant. Among the remaining tokens (raster order), targets are taken at a
   uniform stride max(1, R // C) (R remaining, C contextual); every other remaining token joins its most
   cosine-similar target, and the target becomes the mean of itself and its members (Fate MERGED for the
@@ -43,8 +44,9 @@ DEFAULTS = {"dominant_ratio": 54 / 64, "contextual_merge": "mean"}
 
 
 def split_quota(quota: int, dominant_ratio: float) -> tuple[int, int]:
-    """A frame's quota as (dominant, contextual) counts: round(quota·ratio) dominant, the rest contextual."""
-    dominant = min(quota, max(0, round(quota * dominant_ratio)))
+    """A frame's quota as (dominant, contextual) counts: ⌊quota·ratio⌋ dominant (the release's int()), the rest
+    contextual."""
+    dominant = min(quota, max(0, int(quota * dominant_ratio)))
     return dominant, quota - dominant
 
 
