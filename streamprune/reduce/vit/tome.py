@@ -12,6 +12,8 @@ Token order after a merge (`order`), which decides the next layer's A/B split an
   similarity sort), then every B token in order]. Over stacked layers this is what the paper ran.
 - `raster`: survivors keep their input order (the patch grid's raster order while nothing moved tokens).
   Registered as `tome-raster`: the same single step, a different sequence of steps from the second layer on.
+The default is the release's for faithfulness; fidelity barely moves: on the random-weight SigLIP-so400m proxy
+(4 frames each of two sample videos) the two orders' mean tower-output cosines differ by at most 0.0003.
 The bookkeeping is exact for both: each output token carries its grid position and owns its patches, so
 unmerging and the runners (SigLIP's and Qwen's towers, reuse caches, merged visual tokens) read the same grid
 whatever the token order. Qwen2.5-VL's windowed blocks regroup tokens by window after each merge (stable, so
