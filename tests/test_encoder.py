@@ -160,6 +160,19 @@ def test_merging_unmerges_to_the_grid_with_sizes_summing_to_the_patches(adapter,
     assert encoder.stats.flops < encoder.stats.flops_full
 
 
+def test_tome_runs_in_the_release_order_and_tome_raster_keeps_raster_order(adapter, pixels):
+    tower = adapter.tower
+    embedded = tower.embed(pixels[:2])
+    states = {name: VisionEncoder(tower, parse_encoder(f"{name}:0.5"))._run(embedded)[0]
+              for name in ("tome", "tome-raster")}
+    raster = states["tome-raster"].position
+    assert torch.equal(raster, raster.sort(1).values)  # survivors never move
+    assert not torch.equal(states["tome"].position, raster)  # ToMe's order: unmerged A first, then B
+    for state in states.values():  # either way each token owns its patches, and its grid position is one of them
+        assert torch.equal(state.owner.gather(1, state.position), torch.arange(state.num_tokens).expand(2, -1))
+    assert parse_encoder("tome-raster:0.5").name == "tome-raster:0.5"
+
+
 def test_adapter_encode_with_merging_feeds_the_projector_and_pooling(adapter, pixels):
     encoded = adapter.encode_pixels(pixels[None, :4], encoder=adapter.vision_encoder(parse_encoder("tome:0.5")))
     plain = adapter.encode_pixels(pixels[None, :4])
