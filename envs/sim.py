@@ -9,6 +9,7 @@ policy kept for it.
 from __future__ import annotations
 
 import collections
+import importlib
 import math
 import statistics
 import time
@@ -120,6 +121,8 @@ def make_sim(
     check_task_id(name, task_id)
     if is_libero:
         return _make_libero(name, cfg, task_id or 0), cfg
+    if cfg.gym_id not in gym.registry:  # registered by its package: imported here, lerobot would say so on stdout
+        importlib.import_module(cfg.package_name)
     env = make_env(cfg, n_envs=1, use_async_envs=False)[cfg.type][0]
     if is_aloha:
         _render_only(env, render_camera or "top")

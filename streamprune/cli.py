@@ -15,8 +15,15 @@ from streamprune.encoder import ENCODER_METHODS, parse_encoder
 from streamprune.errors import ConfigError, StreamPruneError
 from streamprune.extras import require_extra
 from streamprune.fidelity import run_fidelity
-from streamprune.live import LiveOptions, run_stream
-from streamprune.policy_eval import CUTS, POLICIES, SELECTIONS, PolicyEvalOptions, run_policy_eval
+from streamprune.live import LIVE_CONTEXT_TOKENS, LiveOptions, run_stream
+from streamprune.policy_eval import (
+    CUTS,
+    POLICIES,
+    SELECTIONS,
+    WARMUP_CHUNKS,
+    PolicyEvalOptions,
+    run_policy_eval,
+)
 from streamprune.reduce import METHODS
 from streamprune.reduce.inner_cuts import InnerConfig
 from streamprune.reduce.presets import resolve_method
@@ -188,8 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "tiny-llava-video, tiny-qwen2.5-vl, tiny-qwen3-vl, tiny-smolvlm2 (random weights) [tiny]")
     st.add_argument("--retain", type=_ratio, default=0.1, help="fraction of each segment's tokens kept [0.1]")
     st.add_argument("--ask", metavar="TEXT", help="question to answer from the stream")
-    st.add_argument("--every", type=_ratio, metavar="SECONDS", help="ask every SECONDS of stream time (else once at the end)")
-    st.add_argument("--max-context-tokens", type=int, help="KV-cache budget; older segments are merged, then evicted")
+    st.add_argument("--every", type=_ratio, metavar="SECONDS", help="ask every SECONDS of stream time once the first segment is cached (else once at the "
+                         "end); each answer is printed in every view")
+    st.add_argument("--max-context-tokens", type=_context_tokens, default="auto", metavar="N|none",
+                    help="KV-cache budget in tokens; older segments are merged, then evicted; none: unbounded "
+                         f"[{LIVE_CONTEXT_TOKENS} for a webcam, network URL or test pattern; unbounded for a file]")
     st.add_argument("--lookahead", type=int, default=8, help="token grids (frames; frame pairs on Qwen-VL) that must follow a segment "
                     "before it closes [8]")
     st.add_argument("--ui", choices=["terminal", "web", "none"], default=None,
@@ -209,22 +219,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--policy-path", default="tiny", help="hub ID, local folder, or 'tiny' (random weights) [tiny]")
     # a metavar, so that argparse lists the choices only when printing help
     ev.add_argument("--env", required=True, choices=_SimEnvNames(), metavar="ENV", help="simulated environment: %(choices)s")
-    ev.add_argument("--episodes", type=int, default=1)
+    ev.add_argument("--episodes", type=int, default=1, help="episodes to run, seeds SEED, SEED+1, ... [1]")
     ev.add_argument("--retain", type=_ratio, default=0.25, help="fraction of visual tokens kept [0.25]")
     ev.add_argument("--cut", default="before", choices=CUTS,
                     help="prune before the VLM (prefix) or inside it at layer K [before]")
     ev.add_argument("--selection", default="vla_pruner", choices=SELECTIONS,
                     help="token selection: VLA-Pruner's dual-level, the semantic (FastV-style) or random baselines, "
                          "or action-only (ablation) [vla_pruner]")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--max-steps", type=int, help="cap each episode at this many control steps")
-    ev.add_argument("--n-action-steps", type=int, help="actions executed per predicted chunk")
+    ev.add_argument("--warmup-chunks", type=int, default=WARMUP_CHUNKS, metavar="N",
+                    help="the first N action chunks of each episode run unpruned while the action importance fills "
+                         "its window (VLA-Pruner's W, also the smoothing window); reported apart [%(default)s]")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the first episode [0]")
+    ev.add_argument("--max-steps", type=int, help="cap each episode at this many control steps [the env's episode length]")
+    ev.add_argument("--n-action-steps", type=int,
+                    help="actions executed per predicted chunk [the policy config's: 50 for SmolVLA, pi0, pi05]")
     ev.add_argument("--task-id", type=int, help="LIBERO only: the task of the suite [0]")
     ev.add_argument("--video", metavar="PATH", help="write the first episode as an mp4 with kept tokens overlaid")
     _add_encoder_args(ev)
     _add_runtime_args(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _context_tokens(text: str) -> int | str | None:
+    """`stream --max-context-tokens`: a token count, "none" for an unbounded context, or "auto" (the default:
+    bounded for a live source, see LiveOptions.context_budget)."""
+    if text.lower() in ("none", "auto"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or none, got {text!r}") from None
 
 
 def _options(args: argparse.Namespace) -> SummarizeOptions:
@@ -398,26 +423,49 @@ def print_policy_eval(result: dict, console) -> None:
 
     if result["random_weights"]:
         console.print("[yellow]note:[/] random weights: success and reward are meaningless; latency and tokens are real")
-    table = Table(title=f"{result['policy']} on {result['env']} · retain {result['retain']:g} · cut {result['cut']}",
-                  show_header=False)
+    applied = "" if not result.get("pruning_note") else " (never applied)"
+    table = Table(title=f"{result['policy']} on {result['env']} · retain {result['retain']:g}{applied} · "
+                        f"cut {result['cut']}", show_header=False)
     table.add_row("episodes", str(result["n_episodes"]))
     table.add_row("success rate", f"{result['success_rate']:.1%}")
     table.add_row("avg sum reward", f"{result['avg_sum_reward']:.3f}")
-    for key in ("chunk_latency_p50_s", "chunk_latency_p95_s"):
-        if result.get(key) is not None:
-            table.add_row(key.replace("_s", "").replace("_", " "), f"{result[key] * 1000:.0f} ms")
-    if result.get("mean_tokens_kept") is not None:
-        table.add_row("visual tokens per chunk", f"{result['mean_tokens_kept']:.1f} of {result['mean_tokens_total']:.0f}")
+    for row in _phase_rows(result.get("phases")):
+        table.add_row(*row)
     if result.get("mean_patches_computed") is not None:
         table.add_row("vision tower", f"{result['encoder']['spec']}",
                       f"{result['mean_patches_computed']:.0%} of image patches computed per chunk")
     if result.get("video_path"):
         table.add_row("video", str(result["video_path"]))
     console.print(table)
+    if result.get("pruning_note"):
+        console.print(f"[yellow]note:[/] {result['pruning_note']}")
     for episode in result["episodes"]:
         if episode.get("simulation_error"):
             console.print(f"[yellow]note:[/] episode with seed {episode['seed']} stopped by the simulator at "
                           f"{episode['simulation_error']} (counted as a failure)")
+
+
+def _phase_rows(phases: dict | None) -> list[tuple[str, str]]:
+    """Table rows for `policy eval`'s chunk phases: latency of pruned and warm-up chunks apart, and tokens
+    as "16.0 of 64 (pruned chunks), 3 warm-up chunks at 64"."""
+    if not phases:
+        return []
+    pruned, warmup = phases["pruned"], phases["warmup"]
+
+    def chunks(n: int) -> str:
+        return f"{n} chunk{'' if n == 1 else 's'}"
+
+    rows = []
+    for name, phase in (("pruned", pruned), ("warm-up", warmup)):
+        if phase["latency_p50_s"] is not None:
+            rows.append((f"chunk latency, {name} ({chunks(phase['chunks'])})",
+                         f"p50 {phase['latency_p50_s'] * 1000:.0f} ms · p95 {phase['latency_p95_s'] * 1000:.0f} ms"))
+    if warmup["mean_tokens_kept"] is not None:
+        at = f"{chunks(warmup['chunks']).replace('chunk', 'warm-up chunk')} at {warmup['mean_tokens_kept']:.0f}"
+        tokens = (f"none pruned; {at}" if pruned["mean_tokens_kept"] is None else
+                  f"{pruned['mean_tokens_kept']:.1f} of {pruned['mean_tokens_total']:.0f} (pruned chunks), {at}")
+        rows.append(("visual tokens per chunk", tokens))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -451,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
             opts = PolicyEvalOptions(policy=args.policy, env=args.env, policy_path=args.policy_path,
                                      episodes=args.episodes, retain=args.retain, cut=args.cut,
                                      selection=args.selection, seed=args.seed, max_steps=args.max_steps,
-                                     n_action_steps=args.n_action_steps, task_id=args.task_id, video=args.video,
+                                     n_action_steps=args.n_action_steps, warmup_chunks=args.warmup_chunks,
+                                     task_id=args.task_id, video=args.video,
                                      encoder=_encoder(args), **_runtime(args))
             # lerobot and the simulators print to stdout; keep stdout for our report alone
             with bars, contextlib.redirect_stdout(sys.stderr):

@@ -15,7 +15,13 @@ from streamprune.encoder import EncoderConfig
 from streamprune.engine import StreamConfig, StreamEngine
 from streamprune.errors import ConfigError, StreamPruneError
 from streamprune.models import load_video_llm
-from streamprune.sources.stream import open_source
+from streamprune.sources.stream import is_live, open_source
+
+LIVE_CONTEXT_TOKENS = 4096
+"""KV budget of a live source (webcam, URL, test pattern) unless --max-context-tokens says otherwise: a live
+source may never end, so its context must not grow without bound. 4096 is the budget of
+benchmarks/bench_stream.py: about 0.22 GiB of bf16 KV on a Qwen2-7B-class decoder (28 layers × 4 KV heads ×
+128 × 2 × 2 bytes = 56 KiB a token), while still holding a dozen or more segments of recent context."""
 
 
 @dataclass
@@ -25,7 +31,8 @@ class LiveOptions:
     retain: float = 0.1
     ask: str | None = None
     every: float | None = None  # stream seconds between questions; None: ask once at the end
-    max_context_tokens: int | None = None
+    # KV budget in tokens; None: unbounded; "auto": LIVE_CONTEXT_TOKENS for a live source, unbounded for a file
+    max_context_tokens: int | str | None = "auto"
     lookahead: int = 8
     ui: str = "terminal"  # terminal | web | none
     json_lines: bool = False
@@ -47,6 +54,12 @@ class LiveOptions:
             raise ConfigError("--every needs --ask TEXT")
         if self.max_frames is not None and self.max_frames < 1:
             raise ConfigError(f"--max-frames must be at least 1, got {self.max_frames}")
+
+    def context_budget(self) -> int | None:
+        """The KV budget this source gets: `max_context_tokens`, with "auto" resolved by the source kind."""
+        if self.max_context_tokens == "auto":
+            return LIVE_CONTEXT_TOKENS if is_live(self.source) else None
+        return self.max_context_tokens
 
 
 class TerminalDashboard:
@@ -79,6 +92,10 @@ class TerminalDashboard:
     def update(self, stats: dict, frame=None, kept=None) -> None:
         self.live.update(self._table(stats))
 
+    def show(self, line: str, out: TextIO) -> None:
+        """A line above the live table (a periodic answer): printed through the dashboard's console."""
+        self.live.console.print(line, markup=False, highlight=False)
+
     def stop(self) -> None:
         self.live.stop()
 
@@ -87,6 +104,9 @@ class _NoView:
     def start(self) -> None: ...
     def update(self, stats: dict, frame=None, kept=None) -> None: ...
     def stop(self) -> None: ...
+
+    def show(self, line: str, out: TextIO) -> None:
+        print(line, file=out, flush=True)
 
 
 def _make_view(opts: LiveOptions, err: TextIO):
@@ -103,13 +123,14 @@ def _make_view(opts: LiveOptions, err: TextIO):
 
 def run_stream(opts: LiveOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> dict:
     """Stream until the source ends (or --max-frames); returns the final stats. A source that fails
-    after its reconnect attempts raises StreamPruneError after the stats so far were reported."""
+    after its reconnect attempts raises StreamPruneError after the stats so far were reported; Ctrl-C
+    (KeyboardInterrupt) reports the stats so far (reason "interrupted"), then propagates."""
     opts.validate()
     loaded = load_video_llm(opts.model, opts.device, opts.dtype, opts.attn_implementation)
     runtime = loaded.runtime.describe()
+    budget = opts.context_budget()
     engine = StreamEngine(loaded.adapter, StreamConfig(retain=opts.retain, lookahead=opts.lookahead,
-                                                max_context_tokens=opts.max_context_tokens,
-                                                encoder=opts.encoder))
+                                                max_context_tokens=budget, encoder=opts.encoder))
     events: list[str] = []
     source = open_source(opts.source, **_source_kwargs(opts, events, err))
     view = _make_view(opts, err)
@@ -118,11 +139,14 @@ def run_stream(opts: LiveOptions, out: TextIO = sys.stdout, err: TextIO = sys.st
         if opts.json_lines:
             print(json.dumps(record), file=out, flush=True)
 
-    def answer(stream_time: float) -> None:
+    def answer(stream_time: float, periodic: bool) -> None:
         text = engine.ask(opts.ask, max_new_tokens=opts.max_new_tokens)
         emit({"event": "answer", "stream_time_s": round(stream_time, 3), "question": opts.ask, "answer": text})
+        if periodic and not opts.json_lines:  # the answer at the end is in the final report
+            view.show(f"answer at {stream_time:.1f} s: {text}", out)
 
-    last_question = None
+    report = _Report(engine, opts, out, events, runtime, budget)
+    last_question, reason = None, "end of source"
     url = view.start()
     if url:
         print(f"web view: {url}", file=err, flush=True)
@@ -130,24 +154,38 @@ def run_stream(opts: LiveOptions, out: TextIO = sys.stdout, err: TextIO = sys.st
         for frame in source:
             for record in engine.push(frame.image, frame.timestamp):
                 emit({"event": "segment", **record.to_dict(), **_counters(engine)})
-            if opts.ask and opts.every and (last_question is None or frame.timestamp - last_question >= opts.every):
-                answer(frame.timestamp)
+            if _question_due(opts, engine, frame.timestamp, last_question):
+                answer(frame.timestamp, periodic=True)
                 last_question = frame.timestamp
             view.update({"source": opts.source, **engine.stats()}, *(engine.last_view or (None, None)))
             if opts.max_frames and frame.index + 1 >= opts.max_frames:
+                reason = "max frames"
                 break
         for record in engine.flush():
             emit({"event": "segment", **record.to_dict(), **_counters(engine)})
         if opts.ask and not opts.every:
-            answer(engine.stats()["stream_time_s"])
+            answer(engine.stats()["stream_time_s"], periodic=False)
     except StreamPruneError:
         emit({"event": "error", "stats": engine.stats(), "source_events": events})
-        _final_report(engine, opts, out, events, runtime, failed=True)
+        view.stop()
+        report.write("stats_before_error")
+        raise
+    except KeyboardInterrupt:
+        view.stop()  # before the report, so a terminal dashboard does not redraw over it
+        report.write("interrupted")
         raise
     finally:
         view.stop()
         source.close()
-    return _final_report(engine, opts, out, events, runtime)
+    return report.write(reason)
+
+
+def _question_due(opts: LiveOptions, engine: StreamEngine, now: float, last_question: float | None) -> bool:
+    """A periodic question (--every) is due: one segment is cached (an answer before that would see no
+    video) and `every` seconds of stream time passed since the last one."""
+    if not (opts.ask and opts.every) or engine.stats()["segments"] == 0:
+        return False
+    return last_question is None or now - last_question >= opts.every
 
 
 def _source_kwargs(opts: LiveOptions, events: list[str], err: TextIO) -> dict:
@@ -168,16 +206,35 @@ def _counters(engine: StreamEngine) -> dict:
     return {k: stats[k] for k in ("frames_in", "frames_skipped", "frames_encoded", "kv_tokens", "fps")}
 
 
-def _final_report(engine: StreamEngine, opts: LiveOptions, out: TextIO, events: list[str], runtime: dict,
-                  failed: bool = False) -> dict:
-    """The final stats (with where the model ran, `Runtime.describe()`, under "runtime"), printed as a JSON line
-    or a summary line."""
-    stats = {**engine.stats(), "evicted": engine.evicted, "source_events": events, "runtime": runtime}
-    if opts.json_lines:
-        print(json.dumps({"event": "final" if not failed else "stats_before_error", **stats}), file=out, flush=True)
-    elif opts.ui != "terminal" or failed:  # the terminal view already shows the final counters
-        print(_summary_line(stats), file=out, flush=True)
-    return stats
+@dataclass
+class _Report:
+    """The final stats (with the KV budget and where the model ran, `Runtime.describe()`, under "runtime"),
+    printed once as a JSON line or a summary line, whichever way the stream ended."""
+
+    engine: StreamEngine
+    opts: LiveOptions
+    out: TextIO
+    source_events: list[str]
+    runtime: dict
+    max_context_tokens: int | None
+    written: dict | None = None
+
+    def write(self, reason: str) -> dict:
+        """Print the stats once; reason: "end of source", "max frames", "interrupted" or "stats_before_error"
+        (the JSON event of a failed source, as before)."""
+        if self.written is not None:
+            return self.written
+        stats = {**self.engine.stats(), "evicted": self.engine.evicted, "source_events": self.source_events,
+                 "max_context_tokens": self.max_context_tokens, "runtime": self.runtime}
+        self.written = stats
+        if self.opts.json_lines:
+            event = ({"event": reason} if reason == "stats_before_error" else {"event": "final", "reason": reason})
+            print(json.dumps({**event, **stats}), file=self.out, flush=True)
+        elif self.opts.ui != "terminal" or reason in ("interrupted", "stats_before_error"):
+            # the terminal view already shows the final counters of a stream that ran to its end
+            prefix = "interrupted · " if reason == "interrupted" else ""
+            print(prefix + _summary_line(stats), file=self.out, flush=True)
+        return stats
 
 
 def _summary_line(stats: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +29,12 @@ def test_stream_file_json_lines_with_questions(sample_video):
     assert final["event"] == "final" and final["frames_in"] == 132
     assert segments[0]["frames"][0] == 0 and segments[-1]["frames"][1] == 131
     assert all(b["frames"][0] == a["frames"][1] + 1 for a, b in zip(segments, segments[1:], strict=False))
-    assert len(answers) == 3  # at 0 s, 2 s and 4 s of a 5.3 s video
+    # periodic answers wait for the first closed segment (none at 0 s, before anything is cached), then every 2 s
+    first_segment = events.index(segments[0])
+    assert answers and all(events.index(a) > first_segment for a in answers)
+    assert answers[0]["stream_time_s"] >= segments[0]["time_s"][1] > 0
+    assert all(b["stream_time_s"] - a["stream_time_s"] >= 2 for a, b in zip(answers, answers[1:], strict=False))
+    assert final["max_context_tokens"] == 1500
     assert max(e["kv_tokens"] for e in segments) <= 1500 - 32
     assert final["frames_skipped"] + final["frames_encoded"] == final["frames_in"]
 
@@ -103,3 +109,54 @@ def test_stream_web_view_counters_update():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_live_sources_get_a_default_context_budget_files_do_not(sample_video):
+    """A test pattern (like a webcam or URL) may never end: bounded by default; a file stays unbounded unless
+    asked; `--max-context-tokens none` lifts the bound. The default is stated in --help."""
+    def final(*args: str) -> dict:
+        res = run_cli("stream", *args, "--max-frames", "4", "--json-lines")
+        assert res.returncode == 0, res.stderr
+        return json_lines(res.stdout)[-1]
+
+    assert final("synthetic:static")["max_context_tokens"] == 4096
+    assert final("synthetic:static", "--max-context-tokens", "none")["max_context_tokens"] is None
+    assert final(str(sample_video))["max_context_tokens"] is None
+    assert final(str(sample_video), "--max-context-tokens", "2048")["max_context_tokens"] == 2048
+    res = run_cli("stream", "--help", env_extra={"COLUMNS": "200"})
+    assert "[4096 for a webcam, network URL or test pattern; unbounded for a file]" in " ".join(res.stdout.split())
+    res = run_cli("stream", "synthetic", "--max-context-tokens", "lots")
+    assert res.returncode == 2 and "expected a number of tokens or none" in res.stderr
+
+
+def interrupt_after_first_line(*args: str) -> tuple[str, str, str, int]:
+    """Run `stream` on the paced test pattern, send SIGINT (Ctrl-C) once the first line is on stdout; return
+    (first line, rest of stdout, stderr, exit code)."""
+    proc = subprocess.Popen([sys.executable, "-m", "streamprune", "stream", "synthetic:moving-box", "--realtime",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        first = proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return first, out, err, proc.returncode
+
+
+def test_ctrl_c_emits_a_final_json_event_with_the_stats_so_far():
+    first, out, err, code = interrupt_after_first_line("--json-lines")
+    assert json.loads(first)["event"] == "segment"  # interrupted after the first segment
+    final = json_lines(out)[-1]
+    assert final["event"] == "final" and final["reason"] == "interrupted"
+    assert final["segments"] >= 1 and final["frames_in"] > 0 and final["max_context_tokens"] == 4096
+    assert code == 130 and err.strip() == "interrupted" and "Traceback" not in err
+
+
+def test_periodic_answers_are_printed_without_a_tty_and_ctrl_c_prints_the_stats():
+    """No TTY and no --json-lines: each periodic answer is a plain line, after the first segment is cached;
+    Ctrl-C then prints the stats so far, not just "interrupted"."""
+    first, out, err, code = interrupt_after_first_line("--ask", "What moves?", "--every", "0.2")
+    assert first.startswith("answer at ") and float(first.split()[2]) > 0  # not at t = 0
+    assert out.startswith("interrupted · frames ") and "segments " in out
+    assert code == 130 and err.strip() == "interrupted" and "Traceback" not in err

@@ -522,6 +522,13 @@ def _textured_background(width: int, height: int, rng: np.random.Generator) -> n
 # --- the CLI's SOURCE argument ---------------------------------------------------------------------
 
 
+def is_live(spec: str) -> bool:
+    """True for sources that may never end (a webcam, a network URL, the synthetic test pattern); False for
+    a file or sample:NAME. The same naming rules as `open_source`."""
+    kind = spec.partition(":")[0]
+    return kind in ("synthetic", "webcam") or spec.startswith("/dev/video") or _scheme(spec) is not None
+
+
 def open_source(spec: str, **kwargs) -> FrameSource:
     """The source named by `spec`; `kwargs` go to its constructor.
 

@@ -30,7 +30,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -143,6 +143,10 @@ class WebDashboard:
         self.stop()
 
     # ---- the engine's side ------------------------------------------------------------------------------
+
+    def show(self, line: str, out: TextIO) -> None:
+        """A line for the person at the console (a periodic answer; the page shows it in its counters)."""
+        print(line, file=out, flush=True)
 
     def update(self, stats: dict, frame: np.ndarray | None = None, kept: np.ndarray | None = None) -> None:
         """Publish new counters, and optionally a new frame (uint8 [H, W, 3] RGB) and its kept mask [gh, gw].
