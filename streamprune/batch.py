@@ -15,14 +15,18 @@ row is an error are retried (their old row removed) unless `skip_failed` is set.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
 import logging
 import os
 import pickle
+import re
 import resource
 import socket
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -258,7 +262,8 @@ def run_on_ray(rows: list[dict], opts: SummarizeOptions, address: str | None, wo
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        with quiet_ray_backend():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # the CLI shows progress; plan and bar notices are noise
     gpus = actor_gpus(opts.device, ray.cluster_resources().get("GPU", 0))
     if gpus:
@@ -278,6 +283,35 @@ def run_on_ray(rows: list[dict], opts: SummarizeOptions, address: str | None, wo
     finally:
         if started:
             ray.shutdown()
+
+
+# a line of Ray's C++ log: "[2026-12-05 16:05:54,517 I 28084 28084] logging.cc:303: ..."
+_RAY_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIW] \d+ \d+\] ")
+
+
+@contextlib.contextmanager
+def quiet_ray_backend() -> Iterator[None]:
+    """Keep Ray's C++ log off the CLI's stderr (it is for our errors): the driver's core worker logs `E` lines for
+    conditions Ray recovers from (actor arguments in the object store). RAY_BACKEND_LOG_LEVEL=fatal is read when
+    `ray.init` starts the processes, so it is set around that call only (a value the user set is kept); the one
+    notice Ray prints on reading it is dropped, and anything else written to stderr meanwhile is passed on."""
+    logging.getLogger("ray").setLevel(logging.ERROR)  # Python-side notices logged before `ray.init` sets its level
+    if "RAY_BACKEND_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+") as captured:
+        os.dup2(captured.fileno(), 2)  # the C++ side writes to file descriptor 2, not to sys.stderr
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            del os.environ["RAY_BACKEND_LOG_LEVEL"]
+            captured.seek(0)
+            sys.stderr.write("".join(line for line in captured if not _RAY_LOG_LINE.match(line)))
 
 
 def actor_gpus(device: str, cluster_gpus: float) -> int:

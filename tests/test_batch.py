@@ -177,3 +177,14 @@ def test_bad_options_are_one_line_errors(video_folder, tmp_path):
         # (a later --out replaces the first)
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_cli_batch_on_ray_prints_only_our_output(tmp_path):
+    """Ray's C++ `E`/`I` log lines and its Python notices stay off stderr on a clean run."""
+    out = tmp_path / "r.jsonl"
+    proc = run_cli("sample:bigbuckbunny", "--out", str(out), "--ray", "local", "--frames", "4", "--retain", "0.25",
+                   "--max-new-tokens", "3")
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert stderr == "", stderr
+    assert stdout.startswith("1 summarized, 0 failed") and "[ray (local" in stdout
