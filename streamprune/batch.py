@@ -138,10 +138,9 @@ def _parsed_rows(out: Path) -> list[tuple[str, dict | None]]:
     return rows
 
 
-def done_keys(out: Path, include_failed: bool = True) -> set[tuple]:
-    """Keys of the rows already in `out`; error rows only with `include_failed`."""
-    return {tuple(row["key"]) for _, row in _parsed_rows(out)
-            if row is not None and (include_failed or "error" not in row)}
+def done_keys(out: Path) -> set[tuple]:
+    """Keys of the rows already in `out` (a half-written last line from a killed run is ignored)."""
+    return {tuple(row["key"]) for _, row in _parsed_rows(out) if row is not None}
 
 
 def drop_failed_rows(out: Path) -> int:

@@ -136,7 +136,9 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="streamprune", description="Token reduction for video LLMs and robot policies.")
+    parser = _Parser(prog="streamprune", description="Token reduction for video LLMs and robot policies.",
+                     epilog="exit status: 0 done; 1 `batch` with failed videos; 2 bad input (one `error:` line); "
+                            "130 interrupted (Ctrl-C)")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("summarize", help="summarize a video with a compressed visual context",
@@ -272,7 +274,8 @@ def print_report(report: SummaryReport, console) -> None:
     shown = "".join(c if (c.isprintable() and c != "\ufffd") or c == "\n" else "·" for c in report.summary)
     console.print(Panel(shown or "(empty)", title="summary", expand=False), markup=False)
     tok, fl, tm = report.tokens, report.flops, report.timing_s
-    title = f"{report.method} · retain {report.retain:g}" + (f" · τ {report.tau:g}" if report.tau else "")
+    reduction = "no reduction" if report.method == "none" else f"retain {report.retain:g}"
+    title = f"{report.method} · {reduction}" + (f" · τ {report.tau:g}" if report.tau else "")
     if report.inner.get("proportional"):
         title += " · proportional attention"
     table = Table(title=title, show_header=True, header_style="bold")
