@@ -9,19 +9,24 @@ hold a second copy of every checkpoint's weights, and on a CPU both stages are c
 Rows are `summarize --json` plus `source` (the path given), `key` and `worker` (pid, peak RSS); a video that
 fails at any stage becomes a row with `error` instead, and the run goes on. The driver writes and flushes each
 row as it arrives, so a killed run loses only the videos in flight; rerunning with the same `--out` skips
-every video that already has a row for the same path, size and mtime (delete its line to redo it).
+every video that already has a row for the same path, size and mtime (delete its line to redo it). Videos whose
+row is an error are retried (their old row removed) unless `skip_failed` is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
 import logging
 import os
 import pickle
+import re
 import resource
 import socket
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -31,6 +36,7 @@ import torch
 
 from streamprune.errors import ConfigError, StreamPruneError
 from streamprune.extras import require_extra
+from streamprune.paths import check_output_file
 from streamprune.runtime import out_of_memory
 from streamprune.summarize import SummarizeOptions, decode_clip, encode_clip, finish
 
@@ -48,12 +54,17 @@ class BatchOptions:
     summarize: SummarizeOptions = field(default_factory=lambda: SummarizeOptions(video=""))
     ray: str = "auto"  # auto | local | none | a cluster address (ray://host:10001, host:6379)
     workers: int = 1  # model actors (Ray)
+    skip_failed: bool = False  # on a rerun, leave videos whose recorded row is an error (else retry them)
 
     def validate(self) -> None:
         if self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         if not self.sources:
             raise ConfigError("give at least one source: a folder, a glob, or a .txt/.csv list of videos")
+        check_output_file(self.out, "--out")
+        for source in self.sources:  # a mistyped folder fails here, not as one error row after the model loads
+            if not _is_pattern(source) and not source.startswith("sample:") and not Path(source).exists():
+                raise ConfigError(f"source not found: {source}")
         options = replace(self.summarize, video="x")
         if self.ray != "none" and options.device != "auto":  # the GPUs are the cluster's: each actor checks its own
             options = replace(options, device="cpu")
@@ -78,7 +89,7 @@ def collect_videos(sources: list[str]) -> list[str]:
             found += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             found += _read_list(path)
-        elif any(c in source for c in "*?["):
+        elif _is_pattern(source):
             matches = sorted(glob.glob(source, recursive=True))
             if not matches:
                 raise ConfigError(f"no file matches {source!r}")
@@ -86,6 +97,10 @@ def collect_videos(sources: list[str]) -> list[str]:
         else:
             found.append(source)
     return list(dict.fromkeys(found))
+
+
+def _is_pattern(source: str) -> bool:
+    return any(c in source for c in "*?[")
 
 
 def _read_list(path: Path) -> list[str]:
@@ -111,16 +126,33 @@ def video_key(source: str) -> list:
         return [str(path.absolute()), 0, 0]
 
 
+def _parsed_rows(out: Path) -> list[tuple[str, dict | None]]:
+    """Each line of `out` with its row (None for a half-written last line from a killed run)."""
+    rows = []
+    for line in out.read_text().splitlines() if out.exists() else []:
+        try:
+            row = json.loads(line)
+            rows.append((line, row if isinstance(row, dict) and "key" in row else None))
+        except ValueError:
+            rows.append((line, None))
+    return rows
+
+
 def done_keys(out: Path) -> set[tuple]:
     """Keys of the rows already in `out` (a half-written last line from a killed run is ignored)."""
-    keys = set()
-    if out.exists():
-        for line in out.read_text().splitlines():
-            try:
-                keys.add(tuple(json.loads(line)["key"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return keys
+    return {tuple(row["key"]) for _, row in _parsed_rows(out) if row is not None}
+
+
+def drop_failed_rows(out: Path) -> int:
+    """Remove the error rows from `out` (their videos are about to be retried); returns how many. The file is
+    replaced in one step, so a run killed meanwhile leaves either the old or the new file."""
+    rows = _parsed_rows(out)
+    kept = [line for line, row in rows if row is None or "error" not in row]
+    if len(kept) < len(rows):
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, out)
+    return len(rows) - len(kept)
 
 
 # ---------------------------------------------------------------- the stages (shared by both engines)
@@ -229,7 +261,8 @@ def run_on_ray(rows: list[dict], opts: SummarizeOptions, address: str | None, wo
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        with quiet_ray_backend():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # the CLI shows progress; plan and bar notices are noise
     gpus = actor_gpus(opts.device, ray.cluster_resources().get("GPU", 0))
     if gpus:
@@ -249,6 +282,35 @@ def run_on_ray(rows: list[dict], opts: SummarizeOptions, address: str | None, wo
     finally:
         if started:
             ray.shutdown()
+
+
+# a line of Ray's C++ log: "[2026-12-05 16:05:54,517 I 28084 28084] logging.cc:303: ..."
+_RAY_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIW] \d+ \d+\] ")
+
+
+@contextlib.contextmanager
+def quiet_ray_backend() -> Iterator[None]:
+    """Keep Ray's C++ log off the CLI's stderr (it is for our errors): the driver's core worker logs `E` lines for
+    conditions Ray recovers from (actor arguments in the object store). RAY_BACKEND_LOG_LEVEL=fatal is read when
+    `ray.init` starts the processes, so it is set around that call only (a value the user set is kept); the one
+    notice Ray prints on reading it is dropped, and anything else written to stderr meanwhile is passed on."""
+    logging.getLogger("ray").setLevel(logging.ERROR)  # Python-side notices logged before `ray.init` sets its level
+    if "RAY_BACKEND_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+") as captured:
+        os.dup2(captured.fileno(), 2)  # the C++ side writes to file descriptor 2, not to sys.stderr
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            del os.environ["RAY_BACKEND_LOG_LEVEL"]
+            captured.seek(0)
+            sys.stderr.write("".join(line for line in captured if not _RAY_LOG_LINE.match(line)))
 
 
 def actor_gpus(device: str, cluster_gpus: float) -> int:
@@ -296,6 +358,8 @@ def run_batch(opts: BatchOptions, progress: ProgressFn | None = None) -> BatchRe
     videos = collect_videos(opts.sources)
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if not opts.skip_failed:
+        drop_failed_rows(out)
     seen = done_keys(out)
     rows = [_row(v, video_key(v)) for v in videos]
     todo = [r for r in rows if tuple(json.loads(r["key"])) not in seen]

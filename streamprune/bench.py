@@ -32,6 +32,7 @@ from streamprune.extras import has_extra
 from streamprune.fidelity import against, reference
 from streamprune.flops import prefill_flops
 from streamprune.models.base import LLMInputs, VideoLLMAdapter
+from streamprune.paths import check_output_dir
 from streamprune.reduce import METHODS, check_retain, get_method, reduce_tokens
 from streamprune.reduce.inner_cuts import InnerConfig, method_inner
 from streamprune.runtime import Runtime
@@ -78,6 +79,7 @@ class BenchOptions:
         for name, value in (("--frames", self.frames), ("--repeats", self.repeats), ("--steps", self.steps)):
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
+        check_output_dir(self.out, "--out")
 
 
 @dataclass

@@ -143,14 +143,18 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="streamprune", description="Token reduction for video LLMs and robot policies.")
+    parser = _Parser(prog="streamprune", description="Token reduction for video LLMs and robot policies.",
+                     epilog="exit status: 0 done; 1 `batch` with failed videos; 2 bad input (one `error:` line); "
+                            "130 interrupted (Ctrl-C)")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("summarize", help="summarize a video with a compressed visual context",
                        description="Summarize a video: sample frames, reduce visual tokens (HoliTom), generate.")
     _add_video_and_reduction_args(s)
     s.add_argument("--max-new-tokens", type=int, default=64, help="length limit of the summary [64]")
-    s.add_argument("--save-viz", metavar="PATH", help="write a PNG of segments and kept/merged/dropped tokens")
+    s.add_argument("--save-viz", metavar="PATH",
+                   help="write an image of segments and kept/merged/dropped tokens, in the format its suffix "
+                        "names: .png, .jpg/.jpeg or .webp (any other suffix is refused)")
     f = sub.add_parser("fidelity", help="how far a reduction moves the model's output (proxy metrics)",
                        description="Compare a reduced model with the unreduced one on the same video and prompt: "
                                    "KL of the first answer token, token agreement, hidden-state cosine.")
@@ -159,9 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     ba = sub.add_parser("batch", help="summarize many videos (Ray Data, or in-process), resumable",
                         description="Summarize a folder, glob or list of videos into one JSON line per video: decoding "
                                     "as Ray Data tasks, the vision tower and the LLM in an actor pool. Rerunning with "
-                                    "the same --out skips videos already done.")
+                                    "the same --out skips videos already done and retries those that failed. Exit "
+                                    "status: 0 when every video was summarized, 1 when any failed (each failure is "
+                                    "a row with `error`), 2 for bad input (a missing source, an unusable --out).")
     ba.add_argument("sources", nargs="+", metavar="SOURCE", help="folders, globs, .txt/.csv lists of paths, or videos")
-    ba.add_argument("--out", required=True, help="JSON-lines file the rows are appended to")
+    ba.add_argument("--out", required=True, help="JSON-lines file the rows are appended to (not a folder)")
+    ba.add_argument("--skip-failed", action="store_true",
+                    help="on a rerun, also skip videos whose recorded row is an error (default: retry them)")
     _add_reduction_args(ba)
     ba.add_argument("--max-new-tokens", type=int, default=64, help="length limit of each summary [64]")
     ba.add_argument("--ray", default="auto", metavar="auto|local|none|ADDRESS",
@@ -181,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported [3]")
     b.add_argument("--steps", type=int, default=8, help="answer tokens the fidelity proxies compare [8]")
     b.add_argument("--prompt", default=DEFAULT_PROMPT, help="instruction given with each video")
-    b.add_argument("--out", default="out/bench", help="output folder [out/bench]")
+    b.add_argument("--out", default="out/bench", help="output folder, created if missing (not a file) [out/bench]")
     b.add_argument("--json", action="store_true", help="print the result JSON instead of the table")
     _add_runtime_args(b)
     sub.add_parser("methods", help="list the reduction methods: paper, where each cuts, criterion")
@@ -269,7 +277,8 @@ def _progress_bars(console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bars = Progress(TextColumn("{task.description:<13}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+                    console=console, transient=True, disable=not console.is_terminal)  # off a terminal, a
+    # stopped bar still prints an empty line, which would precede an `error:` line
     tasks: dict[str, int] = {}
 
     def update(stage: str, done: int, total: int) -> None:
@@ -290,7 +299,8 @@ def print_report(report: SummaryReport, console) -> None:
     shown = "".join(c if (c.isprintable() and c != "\ufffd") or c == "\n" else "·" for c in report.summary)
     console.print(Panel(shown or "(empty)", title="summary", expand=False), markup=False)
     tok, fl, tm = report.tokens, report.flops, report.timing_s
-    title = f"{report.method} · retain {report.retain:g}" + (f" · τ {report.tau:g}" if report.tau else "")
+    reduction = "no reduction" if report.method == "none" else f"retain {report.retain:g}"
+    title = f"{report.method} · {reduction}" + (f" · τ {report.tau:g}" if report.tau else "")
     if report.inner.get("proportional"):
         title += " · proportional attention"
     table = Table(title=title, show_header=True, header_style="bold")
@@ -341,10 +351,10 @@ def _run_batch(args: argparse.Namespace, console):
     from streamprune.batch import BatchOptions, run_batch
 
     opts = BatchOptions(sources=args.sources, out=args.out, summarize=_options(args), ray=args.ray,
-                        workers=args.workers)
+                        workers=args.workers, skip_failed=args.skip_failed)
     columns = (TextColumn("videos"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("videos", total=None, status="")
         started = time.perf_counter()
 
@@ -513,7 +523,9 @@ def main(argv: list[str] | None = None) -> int:
             report = _run_batch(args, err)
             print(f"{report.done} summarized, {report.failed} failed, {report.skipped} skipped (already in {report.out}) "
                   f"of {report.total} videos in {report.seconds:.1f} s, {report.videos_per_minute:.1f} videos/min "
-                  f"[{report.engine}]")
+                  f"[{report.engine}]" + (f"; exit 1: {report.failed} failed (see their `error` rows)"
+                                          if report.failed else ""))
+            return 1 if report.failed else 0
         elif args.command == "bench":
             opts = _bench_options(args)
             with bars:

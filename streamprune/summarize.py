@@ -18,6 +18,7 @@ from streamprune.models import LoadedModel, load_video_llm
 from streamprune.models.base import EncodedVideo, LLMInputs, PromptInputs
 from streamprune.models.cache_compat import output_cache
 from streamprune.models.generation import check_compilable
+from streamprune.paths import IMAGE_SUFFIXES, check_output_file
 from streamprune.reduce import METHODS, get_method, reduce_tokens
 from streamprune.reduce.holitom import default_tau
 from streamprune.reduce.inner_cuts import InnerConfig, method_inner, validate
@@ -63,6 +64,8 @@ class SummarizeOptions:
         if self.tau is not None and not -1.0 <= self.tau <= 1.0:
             raise ConfigError(f"--tau is a cosine similarity threshold in [-1, 1], got {self.tau}")
         resolve_runtime(self.device, self.dtype, self.attn_implementation)  # a bad value fails before any work
+        if self.save_viz:  # before decoding: a bad path must not cost the run
+            check_output_file(self.save_viz, "--save-viz", IMAGE_SUFFIXES)
 
 
 @dataclass
@@ -225,7 +228,8 @@ def inner_summary(inner: InnerConfig, layer: int, installed: bool) -> dict:
     mode = "schedule" if steps else inner.mode if merging else "none"
     return {"mode": mode, "layer": layer if merging else None,
             "ratio": (steps[0]["ratio"] if steps else inner.ratio) if merging else 0.0,
-            "merge": inner.merge if merging and not steps else None, "steps": steps,
+            # fastv prunes: it has no merge mode to report
+            "merge": inner.merge if merging and not steps and inner.mode != "fastv" else None, "steps": steps,
             "kv": ({"layer": inner.kv.layer, "ratio": inner.kv.ratio, "refresh": inner.kv.refresh}
                    if installed and inner.kv else None),
             "proportional": installed and inner.proportional}
@@ -279,10 +283,11 @@ def finish(opts: SummarizeOptions, run: EncodedRun, progress: ProgressFn | None 
     if opts.save_viz:
         from streamprune.viz import render_reduction
 
-        title = f"{Path(clip.path).name} · {opts.method} retain {opts.retain:g}" + (f" τ={tau:g}" if tau else "")
+        reduction = "no reduction" if opts.method == "none" else f"retain {opts.retain:g}"
+        title = f"{Path(clip.path).name} · {opts.method} {reduction}" + (f" τ={tau:g}" if tau else "")
         step = adapter.frames_per_grid  # one picture per token grid (its first frame)
         render_reduction(clip.frames[::step], tokens, timestamps=clip.timestamps[::step], title=title,
-                         path=opts.save_viz)
+                         path=opts.save_viz, newlines=report.tokens["layout"])
         report.viz = str(opts.save_viz)
         if opts.encoder.reuse is not None and encoded.recomputed is not None:
             from streamprune.viz import render_recomputed

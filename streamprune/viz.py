@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from streamprune.tokens import Fate, VisualTokens
 
@@ -308,8 +308,10 @@ def draw_size_dots(
 # ---- header -------------------------------------------------------------------------------------------
 
 
-def summary_line(tokens: VisualTokens) -> str:
-    """'6272 tokens → 627 kept (10.0%), 3100 merged, 2545 dropped, 5 segments'."""
+def summary_line(tokens: VisualTokens, newlines: int = 0) -> str:
+    """'6272 tokens → 627 kept (10.0%), 3100 merged, 2545 dropped, 5 segments'; with `newlines` layout tokens
+    the model adds, the count the LLM gets, as the text report gives it: '628 into the LLM (627 kept
+    (10.0%) + 1 newline), …'."""
     fate = np.asarray(tokens.fate).astype(np.int64)
     total = fate.size
     kept = len(tokens)
@@ -317,8 +319,10 @@ def summary_line(tokens: VisualTokens) -> str:
     dropped = int((fate == Fate.DROPPED).sum())
     pct = 100.0 * kept / total if total else 0.0
     nseg = len(tokens.segments)
+    into = (f"{kept + newlines} into the LLM ({kept} kept ({pct:.1f}%) + {newlines} newline{'s' * (newlines != 1)})"
+            if newlines else f"{kept} kept ({pct:.1f}%)")
     return (
-        f"{total} tokens → {kept} kept ({pct:.1f}%), {merged} merged, {dropped} dropped, "
+        f"{total} tokens → {into}, {merged} merged, {dropped} dropped, "
         f"{nseg} segment{'s' if nseg != 1 else ''}"
     )
 
@@ -350,14 +354,14 @@ def _legend_swatch(fate: Fate, w: int, h: int) -> np.ndarray:
 
 
 def draw_header(
-    canvas: Image.Image, tokens: VisualTokens, title: str, max_size: int, show_sizes: bool
+    canvas: Image.Image, tokens: VisualTokens, title: str, max_size: int, show_sizes: bool, newlines: int = 0
 ) -> None:
     draw = ImageDraw.Draw(canvas)
     x, y = MARGIN, MARGIN
     _text(draw, (x, y + TITLE_SIZE / 2), title or "Token reduction", _font(TITLE_SIZE, bold=True), TEXT)
     y += TITLE_SIZE + 10
     detail = _detail_line(tokens)
-    line = summary_line(tokens)
+    line = summary_line(tokens, newlines)
     _text(draw, (x, y + TEXT_SIZE / 2), line, _font(TEXT_SIZE, bold=True), TEXT)
     _text(draw, (x + _text_w(line, _font(TEXT_SIZE, bold=True)), y + TEXT_SIZE / 2), detail,
           _font(TEXT_SIZE), TEXT_DIM)
@@ -494,9 +498,9 @@ def draw_segment_label(
 # ---- entry point --------------------------------------------------------------------------------------
 
 
-def _header_min_width(tokens: VisualTokens, title: str, max_size: int, show_sizes: bool) -> int:
+def _header_min_width(tokens: VisualTokens, title: str, max_size: int, show_sizes: bool, newlines: int = 0) -> int:
     """Width the header text needs; the image is widened to it when the frame grid is narrower."""
-    line = summary_line(tokens)
+    line = summary_line(tokens, newlines)
     w = _text_w(line, _font(TEXT_SIZE, bold=True)) + _text_w(_detail_line(tokens), _font(TEXT_SIZE))
     w = max(w, _text_w(title or "Token reduction", _font(TITLE_SIZE, bold=True)))
     legend = sum(30 + 7 + _text_w(s, _font(SMALL_SIZE)) + 22
@@ -515,13 +519,16 @@ def render_reduction(
     max_columns: int = 8,
     thumb: int = 224,
     show_sizes: bool = True,
+    newlines: int = 0,
 ) -> Image.Image:
     """Draw the sampled `frames` [T, H, W, 3] uint8 with each token's fate, segments and a summary.
 
     timestamps: optional [T] seconds, shown as mm:ss.s next to each frame index.
-    path: if given, the PNG is written there (parent directories are created).
+    path: if given, the image is written there (parent directories are created).
     max_columns: thumbnails per row; thumb: longest thumbnail side in pixels (aspect is kept).
     show_sizes: draw a dot (area ∝ size) on kept tokens that stand for more than one original.
+    newlines: layout (newline) tokens the model adds to the kept ones (the header then counts what the LLM gets).
+    path: written in its suffix's format; a PNG also carries the header's count line as its Description.
     Returns the RGB image. Raises ValueError when frames and tokens do not describe the same video.
     """
     frames = _check_inputs(frames, tokens, timestamps)
@@ -532,10 +539,10 @@ def render_reduction(
     token_pos = np.asarray(tokens.position).astype(np.int64)
     max_size = int(sizes.max(initial=1))
 
-    min_width = _header_min_width(tokens, title, max_size, show_sizes)
+    min_width = _header_min_width(tokens, title, max_size, show_sizes, newlines)
     layout = compute_layout(t, frames.shape[1:3], max_columns, thumb, min_width)
     canvas = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
-    draw_header(canvas, tokens, title, max_size, show_sizes)
+    draw_header(canvas, tokens, title, max_size, show_sizes, newlines)
 
     seg_of = _segment_of_frames(tokens.segments, t)
     kept_per_frame = (fate == Fate.KEPT).reshape(t, -1).sum(axis=1)
@@ -552,10 +559,23 @@ def render_reduction(
         draw_segment_label(draw, layout, i, tokens, seg_of)
 
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        canvas.save(path, format="PNG")
+        save_image(canvas, path, title or "Token reduction", summary_line(tokens, newlines))
     return canvas
+
+
+def save_image(canvas: Image.Image, path: str | Path, title: str = "", description: str = "") -> None:
+    """Write `canvas` in the format its suffix names (.png, .jpg/.jpeg, .webp; parent folders created); a PNG
+    carries the `title` and `description` drawn in it as text chunks (so tools and tests can read them)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".png":
+        info = PngImagePlugin.PngInfo()
+        for key, text in (("Title", title), ("Description", description)):
+            if text:
+                info.add_text(key, text)
+        canvas.save(path, format="PNG", pnginfo=info)
+    else:
+        canvas.save(path)  # Pillow picks JPEG / WEBP from the suffix
 
 
 # ---- encoder-side reduction: which patches the vision tower recomputed ---------------------------------
@@ -597,7 +617,5 @@ def render_recomputed(frames: np.ndarray, recomputed: np.ndarray, grid_hw: tuple
         _text(draw, (x, y + th + label_h / 2 + 1), f"{i}: " + ("keyframe" if whole else f"{recomputed[i].mean():.0%}"),
               small, TEXT if whole else TEXT_DIM)
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        canvas.save(path, format="PNG")
+        save_image(canvas, path)
     return canvas

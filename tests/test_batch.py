@@ -92,13 +92,40 @@ def cli_args(folder: Path, out: Path, ray: str = "none") -> list[str]:
             "--max-new-tokens", "3"]
 
 
-def test_cli_batch_reports_and_exits_0_with_broken_videos(video_folder, tmp_path):
+def test_cli_batch_exits_1_with_broken_videos_and_retries_them(video_folder, tmp_path):
+    """Failed videos make the run exit 1 and say so; a rerun retries them (replacing their error rows) unless
+    --skip-failed."""
     out = tmp_path / "r.jsonl"
     proc = run_cli(*cli_args(video_folder, out))
     stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == 1, stderr
     assert "4 summarized, 2 failed, 0 skipped" in stdout and "in-process" in stdout
+    assert stdout.strip().splitlines()[-1].endswith("exit 1: 2 failed (see their `error` rows)")
+    assert "Traceback" not in stderr
     assert len(rows_of(out)) == 6
+
+    skipping = run_cli(*cli_args(video_folder, out), "--skip-failed")
+    stdout, stderr = skipping.communicate(timeout=600)
+    assert skipping.returncode == 0, stderr
+    assert "0 summarized, 0 failed, 6 skipped" in stdout and "exit 1" not in stdout
+    assert len(rows_of(out)) == 6
+
+    retry = run_cli(*cli_args(video_folder, out))
+    stdout, stderr = retry.communicate(timeout=600)
+    assert retry.returncode == 1, stderr
+    assert "0 summarized, 2 failed, 4 skipped" in stdout
+    rows = rows_of(out)
+    assert len(rows) == 6 and sorted(Path(r["source"]).name for r in rows[-2:]) == ["empty.mp4", "garbage.mp4"]
+    assert all("error" in r for r in rows[-2:]) and not any("error" in r for r in rows[:4])
+
+
+def test_cli_batch_of_good_videos_exits_0(tmp_path):
+    out = tmp_path / "r.jsonl"
+    proc = run_cli("sample:bigbuckbunny", "sample:bikes", "--out", str(out), "--ray", "none", "--frames", "4",
+                   "--retain", "0.25", "--max-new-tokens", "3")
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert stdout.startswith("2 summarized, 0 failed") and "exit 1" not in stdout and stderr == ""
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +156,12 @@ def test_a_killed_run_resumes_without_redoing_videos(long_video_folder, tmp_path
     before = out.read_text().splitlines()
     assert 2 <= len(before) < total, "the run finished before it could be killed"
     first = [json.loads(line)["source"] for line in before]
-    rerun = run_cli(*cli_args(video_folder, out, ray))
+    rerun = run_cli(*cli_args(video_folder, out, ray), "--skip-failed")  # keep the killed run's error rows
     stdout, stderr = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, stderr
-    assert f"{len(before)} skipped" in stdout
     after = out.read_text().splitlines()
+    failed_now = any("error" in json.loads(line) for line in after[len(before):])
+    assert rerun.returncode == (1 if failed_now else 0) and "Traceback" not in stderr, stderr
+    assert f"{len(before)} skipped" in stdout
     assert after[: len(before)] == before  # nothing redone or rewritten
     sources = [json.loads(line)["source"] for line in after]
     assert len(sources) == total and len(set(sources)) == total and sources[: len(first)] == first
@@ -143,7 +171,20 @@ def test_a_killed_run_resumes_without_redoing_videos(long_video_folder, tmp_path
 def test_bad_options_are_one_line_errors(video_folder, tmp_path):
     for args, message in ((["--workers", "0"], "--workers"), (["--retain", "2"], "--retain"),
                           (["--method", "nope"], "unknown method"),
-                          (["--ray", "127.0.0.1:1"], "cannot reach the Ray cluster")):
+                          (["--ray", "127.0.0.1:1"], "cannot reach the Ray cluster"),
+                          (["--out", str(tmp_path)], "is a folder")):
         proc = run_cli(str(video_folder), "--out", str(tmp_path / "x.jsonl"), "--ray", "none", *args)
+        # (a later --out replaces the first)
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_cli_batch_on_ray_prints_only_our_output(tmp_path):
+    """Ray's C++ `E`/`I` log lines and its Python notices stay off stderr on a clean run."""
+    out = tmp_path / "r.jsonl"
+    proc = run_cli("sample:bigbuckbunny", "--out", str(out), "--ray", "local", "--frames", "4", "--retain", "0.25",
+                   "--max-new-tokens", "3")
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert stderr == "", stderr
+    assert stdout.startswith("1 summarized, 0 failed") and "[ray (local" in stdout

@@ -201,6 +201,16 @@ def test_summary_line_counts():
         f"{T * 16} tokens → {len(tokens)} kept ({100 * len(tokens) / (T * 16):.1f}%), "
         f"{merged} merged, {dropped} dropped, 2 segments"
     )
+    # with the model's newline tokens: the count the LLM gets, as the text report gives it
+    with_newline = viz.summary_line(tokens, newlines=1)
+    assert f"→ {len(tokens) + 1} into the LLM ({len(tokens)} kept (" in with_newline and "+ 1 newline)" in with_newline
+
+
+@pytest.mark.parametrize("suffix,magic", [(".png", b"\x89PNG"), (".jpg", b"\xff\xd8\xff"), (".webp", b"RIFF")])
+def test_saved_image_is_in_its_suffix_format(tmp_path, suffix, magic):
+    path = tmp_path / f"viz{suffix}"
+    viz.render_reduction(_frames(), _tokens(), title="t", path=path, thumb=64)
+    assert path.read_bytes()[:len(magic)] == magic
 
 
 @pytest.mark.parametrize(
