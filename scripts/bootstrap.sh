@@ -63,9 +63,9 @@ if [ ! -f "$deps/.complete" ]; then
 fi
 
 # This clone's venv: rebuilt when it layers on other dependencies (a changed lock), was made by another version
-# of this script, or is the old shared link.
+# of this script or of setup.cfg (the console scripts it installs), or is the old shared link.
 site=$("$deps/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-stamp="$deps $(sha256sum "$root/scripts/bootstrap.sh" | cut -c1-16)"
+stamp="$deps $(cat "$root/scripts/bootstrap.sh" "$root/setup.cfg" | sha256sum | cut -c1-16)"
 if [ -L "$clone_venv" ] || [ "$(cat "$clone_venv/streamprune-stamp" 2>/dev/null)" != "$stamp" ]; then
   rm -rf "$clone_venv"
   "$py" -m venv --without-pip "$clone_venv"
