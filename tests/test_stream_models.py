@@ -226,16 +226,28 @@ def test_memory_stays_bounded_with_layout_rows(model):
     assert engine.ask(QUESTION, max_new_tokens=3) is not None
 
 
-@pytest.mark.parametrize("name", ["tiny-llava-video", "tiny-smolvlm2"])
-def test_stream_encoder_reuse_on_other_siglip_towers(name):
+@pytest.mark.parametrize("name", MODELS[1:])
+def test_stream_encoder_reuse_on_every_tower(name):
+    """Encoder-side reuse spans the stream on the SigLIP towers and inside Qwen's ViT (per frame pair): after
+    the first grid only the cells around the moving box are recomputed, and the cache still answers."""
     adapter = load_video_llm(name).adapter
     engine = StreamEngine(adapter, StreamConfig(retain=0.25, lookahead=2, skip_threshold=0,
                                                 encoder=parse_encoder("reuse")))
-    for i, image in enumerate(moving_box(5, width=224, height=168)):
+    for i, image in enumerate(moving_box(6, width=224, height=168)):
         engine.push(image, i / 2)
     engine.flush()
     stats = engine.stats()
-    assert stats["frames_encoded"] == 5 and stats["patches_computed"] < stats["patches_total"]
+    assert stats["frames_encoded"] == 6 and stats["patches_computed"] < stats["patches_total"]
+    assert engine.ask(QUESTION, max_new_tokens=2) is not None
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_cli_stream_encoder_on_qwen(name):
+    res = run_cli("stream", "synthetic:moving-box", "--model", name, "--max-frames", "8", "--ui", "none",
+                  "--json-lines", "--encoder", "reuse+tome")
+    assert res.returncode == 0, res.stderr
+    final = json.loads(res.stdout.strip().splitlines()[-1])
+    assert final["event"] == "final" and 0 < final["patches_computed"] < final["patches_total"]
 
 
 @pytest.mark.parametrize("name", MODELS)
