@@ -71,6 +71,7 @@ bench-methods: setup
 
 bench-models: setup
 	.venv/bin/python -m benchmarks.bench_models --model qwen2.5-vl-3b --max-pixels 200704
+	.venv/bin/python -m benchmarks.bench_models --model qwen2.5-vl-3b --max-pixels 200704 --retain 0.1 --videos bigbuckbunny bikes carphone_pristine --encoder reuse+tome:0.7 reuse+tome:0.8 --merge-schedule decreasing --vision-repeats 2 --out benchmarks/results/models_qwen2.5-vl-3b_encoder.json
 	.venv/bin/python -m benchmarks.bench_models --model smolvlm2-500m --repeats 3
 	.venv/bin/python -m benchmarks.bench_models --model smolvlm2-500m --videos bigbuckbunny carphone_distorted --encoder reuse tome:0.9 reuse+tome:0.9 --out benchmarks/results/models_smolvlm2-500m_encoder.json
 	.venv/bin/python -m benchmarks.bench_models --model tiny-qwen2.5-vl --steps 16 --videos bigbuckbunny bikes carphone_distorted carphone_pristine
